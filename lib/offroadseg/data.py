@@ -1,0 +1,238 @@
+"""Finding and reading a dataset in Duality's Falcon layout.
+
+    <root>/.../Offroad_Segmentation_Training_Dataset/{train,val}/{Color_Images,Segmentation}/<stem>.png
+    <root>/.../Offroad_Segmentation_testImages/{Color_Images,Segmentation}/<stem>.png
+
+Archives often unzip one level deeper and Kaggle mounts them under
+/kaggle/input/<dataset>/..., so `find_dataset` searches a few levels down.
+Images and masks pair by file stem.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .classes import IGNORE_INDEX, RAW_TO_INDEX
+
+IMAGE_DIR = "Color_Images"
+MASK_DIR = "Segmentation"
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# How deep below the root to look for split folders (nested unzips, Kaggle's input tree).
+SEARCH_DEPTH = 5
+
+
+class DataError(ValueError):
+    """A dataset file or folder that cannot be used; the message names it and says why."""
+
+
+Pair = tuple[Path, "Path | None"]
+
+
+@dataclass
+class Dataset:
+    """Pairs per split; a split is None when the data root has no such folder."""
+
+    root: Path
+    train: list[Pair] | None = None
+    val: list[Pair] | None = None
+    test: list[Pair] | None = None
+    split_dirs: dict[str, Path] = field(default_factory=dict)
+    # Files that could not be paired: (path, reason). The scan reports them.
+    unpaired: list[tuple[Path, str]] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Pair]:
+        pairs = getattr(self, name)
+        if pairs is None:
+            raise DataError(f"{self.root}: no '{name}' split found (looked for {name}/{IMAGE_DIR})")
+        return pairs
+
+    def summary(self) -> dict[str, int | None]:
+        return {name: (None if getattr(self, name) is None else len(getattr(self, name))) for name in SPLITS}
+
+
+def _split_name(folder: Path) -> str | None:
+    """Which split a folder holding Color_Images is: train, val or test (None if unclear)."""
+    name = folder.name.lower()
+    if name in ("train", "training"):
+        return "train"
+    if name in ("val", "valid", "validation"):
+        return "val"
+    if name in ("test", "testing") or "testimages" in name.replace("_", "").lower():
+        return "test"
+    return None
+
+
+def _walk_split_dirs(root: Path, depth: int) -> list[Path]:
+    """Folders under root (to `depth` levels) that hold a Color_Images folder."""
+    found, frontier = [], [root]
+    for _ in range(depth + 1):
+        next_frontier = []
+        for folder in frontier:
+            try:
+                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except (PermissionError, NotADirectoryError):
+                continue
+            if any(c.name == IMAGE_DIR for c in children):
+                found.append(folder)
+                continue
+            next_frontier.extend(children)
+        frontier = next_frontier
+    return found
+
+
+def find_dataset(root: str | os.PathLike) -> Dataset:
+    """Locate train/val/test under `root` and pair images with masks by stem.
+
+    Raises DataError when root does not exist, is empty, or holds no folder in
+    the Duality layout. Images without a mask (in a split that has masks) and
+    masks without an image are kept out of the pairs and listed in `unpaired`.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (give the folder that holds the unzipped dataset)")
+    if not any(root.iterdir()):
+        raise DataError(f"{root}: folder is empty (unzip the dataset here, or leave --data out for the demo desert)")
+    dataset = Dataset(root=root)
+    for folder in _walk_split_dirs(root, SEARCH_DEPTH):
+        split = _split_name(folder)
+        if split is None:
+            continue
+        if split in dataset.split_dirs:
+            # Two copies (e.g. a zip unpacked twice): keep the first, shallowest one.
+            warnings.warn(f"{folder}: second '{split}' split ignored; using {dataset.split_dirs[split]}")
+            continue
+        dataset.split_dirs[split] = folder
+        pairs, unpaired = _pair_split(folder)
+        setattr(dataset, split, pairs)
+        dataset.unpaired.extend(unpaired)
+    if not dataset.split_dirs:
+        raise DataError(
+            f"{root}: no dataset in the Duality layout found within {SEARCH_DEPTH} levels "
+            f"(expected e.g. .../train/{IMAGE_DIR}/*.png and .../train/{MASK_DIR}/*.png)"
+        )
+    return dataset
+
+
+def _files_by_stem(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+    by_stem: dict[str, Path] = {}
+    duplicates = []
+    if not folder.is_dir():
+        return by_stem, duplicates
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in by_stem:
+            # Prefer .png (the distributed format) over another extension with the same stem.
+            keep, drop = (path, by_stem[path.stem]) if path.suffix.lower() == ".png" else (by_stem[path.stem], path)
+            by_stem[path.stem] = keep
+            duplicates.append((drop, f"duplicate stem '{path.stem}' (kept {keep.name})"))
+        else:
+            by_stem[path.stem] = path
+    return by_stem, duplicates
+
+
+def _pair_split(folder: Path) -> tuple[list[Pair], list[tuple[Path, str]]]:
+    images, problems = _files_by_stem(folder / IMAGE_DIR)
+    masks, mask_dupes = _files_by_stem(folder / MASK_DIR)
+    problems += mask_dupes
+    if not masks:
+        # A split without masks (some test releases): images only.
+        return [(images[s], None) for s in sorted(images)], problems
+    pairs = [(images[s], masks[s]) for s in sorted(images) if s in masks]
+    problems += [(images[s], "image without mask") for s in sorted(images) if s not in masks]
+    problems += [(masks[s], "mask without image") for s in sorted(masks) if s not in images]
+    return pairs, problems
+
+
+def _open_png(path: Path) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a DataError naming it."""
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file (0 bytes)")
+        img = Image.open(path)
+        img.load()  # decode now: a truncated file fails here, not later inside a DataLoader
+        return img
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: unreadable or truncated image ({err})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB image as uint8 (H, W, 3). Grey or RGBA inputs are converted; failures name the file."""
+    img = _open_png(Path(path))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def read_raw_mask(path: str | os.PathLike) -> np.ndarray:
+    """The mask's raw IDs as a 2-D integer array (8-, 16- or 32-bit single-channel PNG).
+
+    An RGB(A) or two-channel mask is a DataError: colour-coded masks are a
+    different format and guessing a mapping would give silently wrong labels.
+    """
+    path = Path(path)
+    img = _open_png(path)
+    if img.mode in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
+        raw = np.asarray(img)
+        if img.mode == "1":
+            raw = raw.astype(np.uint8)
+        return raw
+    raise DataError(
+        f"{path}: mask has mode {img.mode} ({len(img.getbands())} channels); "
+        "expected a single-channel PNG of raw class IDs (8, 16 or 32 bit)"
+    )
+
+
+def raw_to_index(raw: np.ndarray) -> np.ndarray:
+    """Map raw IDs to class indices (uint8); unknown values become IGNORE_INDEX."""
+    if raw.dtype == np.uint8 or raw.dtype == np.uint16:
+        return RAW_TO_INDEX[raw]
+    raw = raw.astype(np.int64, copy=False)
+    out = np.full(raw.shape, IGNORE_INDEX, dtype=np.uint8)
+    inside = (raw >= 0) & (raw < RAW_TO_INDEX.size)
+    out[inside] = RAW_TO_INDEX[raw[inside]]
+    return out
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Class indices (uint8, H x W) of a raw-ID mask; unknown raw values become 255."""
+    return raw_to_index(read_raw_mask(path))
+
+
+def write_raw_mask(path: str | os.PathLike, raw: np.ndarray) -> None:
+    """Write raw IDs as a single-channel 16-bit PNG (the masks' own format), atomically.
+
+    compress_level=1: masks are large flat regions, so fast zlib still compresses
+    them well, and writing stays cheap.
+    """
+    from .files import atomic_open
+
+    raw = np.asarray(raw)
+    if raw.ndim != 2:
+        raise ValueError(f"{path}: a mask must be 2-D, got shape {raw.shape}")
+    img = Image.fromarray(raw.astype(np.uint16))
+    with atomic_open(path, "wb") as handle:
+        img.save(handle, format="PNG", compress_level=1)
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image as PNG, atomically."""
+    from .files import atomic_open
+
+    with atomic_open(path, "wb") as handle:
+        Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(handle, format="PNG", compress_level=1)

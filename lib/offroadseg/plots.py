@@ -1,0 +1,86 @@
+"""Figures the notebooks show; each is also saved under the run's figures/ folder.
+
+Every function returns the matplotlib Figure, and `save(fig, path)` writes it
+atomically (PNG rendered to memory first, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+# No backend is forced: Jupyter kernels use inline, and headless runs fall back to Agg by themselves.
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .classes import CLASS_NAMES, IGNORE_INDEX, PALETTE
+from .files import write_bytes
+
+
+def save(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """Class-index mask -> RGB (ignore drawn black)."""
+    return PALETTE[np.asarray(mask, dtype=np.uint8)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Image with the coloured mask blended in; ignore pixels show the image alone."""
+    image = np.asarray(image, dtype=np.float32)
+    colors = colorize(mask).astype(np.float32)
+    keep = (np.asarray(mask) != IGNORE_INDEX)[..., None]
+    blended = np.where(keep, (1 - alpha) * image + alpha * colors, image)
+    return blended.clip(0, 255).astype(np.uint8)
+
+
+def _class_bars(values, title: str, xlabel: str, log: bool = False):
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    colors = PALETTE[: len(CLASS_NAMES)] / 255.0
+    ax.barh(CLASS_NAMES, values, color=colors, edgecolor="black", linewidth=0.5)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    if log:
+        ax.set_xscale("log")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.2f}" if v < 100 else f" {v:.0f}", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def class_pixel_share(scan: dict, split: str = "train"):
+    pixels = np.asarray(scan["splits"][split]["class_pixels"], dtype=np.float64)
+    share = 100 * pixels / max(pixels.sum(), 1)
+    return _class_bars(np.maximum(share, 1e-3), f"Class pixel share ({split}, log scale)", "% of labelled pixels", log=True)
+
+
+def class_presence(scan: dict, split: str = "train"):
+    presence = np.asarray(scan["splits"][split]["class_presence"], dtype=np.float64)
+    share = 100 * presence / max(scan["splits"][split]["usable"], 1)
+    return _class_bars(share, f"Images containing each class ({split})", "% of images")
+
+
+def legend_handles():
+    from matplotlib.patches import Patch
+
+    return [Patch(facecolor=PALETTE[i] / 255.0, edgecolor="black", label=name) for i, name in enumerate(CLASS_NAMES)]
+
+
+def overlay_grid(samples, columns: int = 3, title: str | None = None):
+    """Grid of images with their masks blended in. `samples`: list of (image, mask, caption)."""
+    rows = max(1, int(np.ceil(len(samples) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.5 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, mask, caption) in zip(axes.flat, samples):
+        ax.imshow(overlay(image, mask))
+        ax.set_title(caption, fontsize=8)
+    fig.legend(handles=legend_handles(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig

@@ -1,0 +1,76 @@
+"""Profiles: one small dataclass per way of running the pipeline.
+
+`demo` is what a fresh clone runs on 2 CPU cores in minutes (generated desert,
+small models from scratch, small inputs); `full` is the reference report's set-up
+(SegFormer-B2 and DeepLabV3+ ResNet-101 teachers, ~20 epochs, 512-pixel inputs).
+Notebooks take `profile` plus overrides as papermill parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What to train for one role (teacher or student) and how."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    pretrained: str | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 6e-5
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    image_size: tuple[int, int]  # (height, width) the models see
+    segformer: ModelPlan
+    deeplab: ModelPlan
+    student: ModelPlan
+    patience: int = 5  # early stopping: epochs without a val mIoU gain
+    prune_decoder: float = 0.0  # fraction of decoder weights L1-pruned (reference report: 0.2)
+    workers: int = 2  # DataLoader worker processes
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **overrides) -> "Profile":
+        unknown = set(overrides) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown profile fields {sorted(unknown)}; valid: {sorted(self.__dataclass_fields__)}")
+        return replace(self, **overrides)
+
+
+DEMO = Profile(
+    name="demo",
+    image_size=(180, 320),
+    segformer=ModelPlan("segformer-b0", epochs=8, batch_size=8, lr=1e-3),
+    deeplab=ModelPlan("deeplabv3plus-resnet18", epochs=8, batch_size=8, lr=1e-3),
+    student=ModelPlan("segformer-b0", epochs=8, batch_size=8, lr=1e-3),
+    patience=0,
+    workers=0,
+)
+
+FULL = Profile(
+    name="full",
+    image_size=(512, 512),
+    segformer=ModelPlan("segformer-b2", {"drop_path": 0.2}, pretrained="nvidia/mit-b2", epochs=20, batch_size=16, lr=6e-5),
+    deeplab=ModelPlan("deeplabv3plus-resnet101", pretrained="IMAGENET1K_V2", epochs=20, batch_size=16, lr=1e-4),
+    student=ModelPlan("segformer-b1", {"drop_path": 0.1}, pretrained="nvidia/mit-b1", epochs=20, batch_size=16, lr=6e-5),
+    patience=5,
+    prune_decoder=0.2,
+    workers=8,
+)
+
+PROFILES = {"demo": DEMO, "full": FULL}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None
