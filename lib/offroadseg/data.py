@@ -236,3 +236,63 @@ def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
 
     with atomic_open(path, "wb") as handle:
         Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(handle, format="PNG", compress_level=1)
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None):
+    """Resize to (height, width): area-averaging for the image, nearest for the mask (labels never blend)."""
+    if size is None or image.shape[:2] == tuple(size):
+        return image, mask
+    height, width = size
+    # BOX averages every source pixel when shrinking (no aliasing of fine textures); bilinear when growing.
+    resample = Image.Resampling.BOX if image.shape[0] > height else Image.Resampling.BILINEAR
+    image = np.asarray(Image.fromarray(image).resize((width, height), resample))
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+    return image, mask
+
+
+class SegmentationDataset:
+    """A torch-style dataset over (image, mask) pairs, decoding each file once.
+
+    Images are decoded and resized to `cache_size` (height, width) on first use and
+    kept in memory as uint8, so later epochs skip PNG decoding; `transform(image,
+    mask)` (augmentation or plain normalisation) runs on every access. Pairs without
+    a mask yield an all-ignore mask.
+    """
+
+    def __init__(self, pairs, transform=None, cache_size: tuple[int, int] | None = None, cache: bool = True):
+        self.pairs = [(Path(image), None if mask is None else Path(mask)) for image, mask in pairs]
+        self.transform = transform
+        self.cache_size = cache_size
+        self.cache = cache
+        self._cached: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (image uint8 HxWx3, mask uint8 HxW) pair at `cache_size`, from the cache when present."""
+        if index in self._cached:
+            return self._cached[index]
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        if mask_path is None:
+            mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        else:
+            mask = read_mask(mask_path)
+            if mask.shape != image.shape[:2]:
+                raise DataError(f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                                f"{image.shape[1]}x{image.shape[0]} (the scan skips such pairs; rerun notebook 01)")
+        pair = resize_pair(image, mask, self.cache_size)
+        if self.cache:
+            self._cached[index] = pair
+        return pair
+
+    def __getitem__(self, index: int):
+        image, mask = self.load(index)
+        if self.transform is None:
+            return image, mask
+        return self.transform(image, mask)
+
+    def stem(self, index: int) -> str:
+        return self.pairs[index][0].stem

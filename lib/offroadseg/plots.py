@@ -84,3 +84,67 @@ def overlay_grid(samples, columns: int = 3, title: str | None = None):
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
+
+
+def training_curves(history: list[dict], title: str = ""):
+    """Train/val loss and val mIoU per epoch, side by side."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, miou_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    loss_ax.set_title("loss")
+    miou_ax.plot(epochs, [h["val_miou"] for h in history], marker="o", color="tab:green")
+    best = max(history, key=lambda h: h["val_miou"])
+    miou_ax.scatter([best["epoch"]], [best["val_miou"]], s=120, facecolors="none", edgecolors="red", label=f"best {best['val_miou']:.3f}")
+    miou_ax.set_xlabel("epoch")
+    miou_ax.set_ylabel("val mIoU")
+    miou_ax.set_ylim(0, 1)
+    miou_ax.legend()
+    miou_ax.set_title("validation mIoU")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_iou_curves(history: list[dict], title: str = ""):
+    """Per-class val IoU over epochs, one line per class in its display colour."""
+    epochs = [h["epoch"] for h in history]
+    ious = np.array([[np.nan if v is None else v for v in h["per_class_iou"]] for h in history], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for c, name in enumerate(CLASS_NAMES):
+        ax.plot(epochs, ious[:, c], marker=".", color=PALETTE[c] / 255.0, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val IoU")
+    ax.set_ylim(0, 1)
+    ax.legend(ncol=2, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title or "per-class validation IoU")
+    fig.tight_layout()
+    return fig
+
+
+def prediction_grid(rows, title: str | None = None):
+    """Rows of image / truth / prediction / overlay. `rows`: list of (image, truth, prediction, caption)."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(13, 2.2 * len(rows) + 0.6), squeeze=False)
+    for r, (image, truth, pred, caption) in enumerate(rows):
+        panels = (image, colorize(truth), colorize(pred), overlay(image, pred))
+        for c, (panel, name) in enumerate(zip(panels, ("image", "truth", "prediction", "overlay"))):
+            axes[r, c].imshow(panel)
+            axes[r, c].axis("off")
+            axes[r, c].set_title(f"{name}: {caption}" if c == 0 else name, fontsize=8)
+    fig.legend(handles=legend_handles(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def iou_table(per_class_iou, name: str = "IoU") -> str:
+    """Per-class IoU as text (stable for nbval: values rounded to 2 decimals)."""
+    lines = [f"{'class':<15} {name:>8}"]
+    for cname, value in zip(CLASS_NAMES, per_class_iou):
+        lines.append(f"{cname:<15} {'-' if value is None or value != value else f'{value:.2f}':>8}")
+    return "\n".join(lines)
