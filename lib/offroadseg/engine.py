@@ -1,0 +1,586 @@
+"""One training loop for every model of the project: the teachers and the distilled student.
+
+`fit` is meant to be read top to bottom, in the manner of transformers'
+run_semantic_segmentation_no_trainer.py: set-up, optional resume, then per epoch a
+visible train loop on Accelerate, a validation pass, early stopping and checkpoints.
+
+Run folder (outputs/<run>/models/<name>/ = `out_dir`):
+    best.pt       the checkpoint of the epoch with the best val mIoU
+    last.pt       the checkpoint of the latest finished epoch (resume point)
+    history.json  one dict per finished epoch (see `fit`)
+A checkpoint is a dict: model (CPU state_dict, decoder pruning folded in), spec, optimizer,
+scheduler, scaler, epoch, best_miou, best_epoch, skipped_steps, history, rng, config, setup.
+It holds only plain types and tensors, so it loads with torch.load(weights_only=True).
+
+Multi-GPU: run `fit` under `accelerate launch` / torchrun, or from a notebook through
+`launch(fn, args)`. `batch_size` is per process, so the global batch is batch_size x
+processes; the learning-rate schedule is counted in single-process batches (accelerate
+steps the scheduler once per process per optimizer step), so it spans the same epochs
+whatever the number of processes.
+
+Reproducibility: the order of each epoch's samples and the data workers' seeds are pure
+functions of (seed, epoch), and the other RNG states are saved in every checkpoint, so a
+run stopped after epoch k and resumed ends with the same weights as one that never stopped
+(exactly on CPU; GPU kernels may add float noise).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .classes import IGNORE_INDEX, NUM_CLASSES
+from .files import atomic_open, write_json
+from .metrics import confusion_matrix, scores
+from .pruning import folded_state_dict, prune_decoder, remove_pruning
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8  # per process; the global batch is batch_size x number of processes
+    lr: float = 6e-5  # peak learning rate, reached at the end of the warm-up
+    weight_decay: float = 0.01  # AdamW; biases and norm weights get none
+    warmup_epochs: float = 1.0  # linear warm-up (may be fractional), then cosine decay ...
+    min_lr_ratio: float = 0.01  # ... down to min_lr_ratio * lr at the last step
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: str = "auto"  # auto (bf16 / fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    patience: int = 0  # early stop after this many epochs without a val mIoU gain; 0 = off
+    seed: int = 0
+    num_workers: int = 0  # DataLoader worker processes
+    prune_decoder: float = 0.0  # fraction of decoder conv/linear weights L1-pruned; 0 = off
+
+
+# Settings a resumed run may change; all others (and the model spec, number of processes
+# and train-set size) must match last.pt, or resuming would silently train a different run.
+RESUMABLE_CHANGES = ("epochs", "patience", "num_workers")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (corrupt or truncated)."""
+
+
+def cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise cross-entropy that skips ignore pixels (the default `loss_fn`)."""
+    return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------------- data order
+
+
+def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    # Independent, well-mixed seeds per (run seed, epoch, use); resuming at epoch e
+    # therefore redraws exactly what an uninterrupted run drew at epoch e.
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler[int]):
+    """Train order of one epoch as a pure function of (seed, epoch).
+
+    Without `weights`: a random permutation. With `weights` (one per sample): a weighted
+    draw of len(weights) indices with replacement, the same torch.multinomial call that
+    WeightedRandomSampler makes.
+
+    Under DDP every process draws the same order (nothing to synchronise), and accelerate's
+    BatchSamplerShard gives process r the batches r, r+W, r+2W, ... of it: the processes
+    train on disjoint shards of one weighted draw, as one process would with a W times
+    larger batch. Call `set_epoch` before each epoch (the prepared loader's set_epoch does).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, weights: Sequence[float] | None = None):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+        self.weights = None
+        if weights is not None:
+            weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+            if weights.shape != (num_samples,):
+                raise ValueError(f"sample_weights has {weights.numel()} values for {num_samples} train samples")
+            if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError("sample_weights must be finite, non-negative and not all zero")
+            self.weights = weights
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch, 0))
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        return iter(order.tolist())
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank+W, rank+2W, ... of range(n), in order: this process's share of the val set.
+
+    Not accelerate's sharding: to even out the shards it repeats samples, which would count
+    them twice in the confusion matrix.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        self.indices = list(range(rank, num_samples, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def seed_worker(worker_id: int) -> None:
+    # torch seeds each worker with base_seed + worker_id (base_seed from the loader's
+    # generator); numpy and python's random would otherwise repeat across workers.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------ optimisation set-up
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's mixed_precision value ("no", "bf16", "fp16") for a TrainConfig.precision."""
+    explicit = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+    if precision in explicit:
+        return explicit[precision]
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU"):
+        return "no"
+    # including_emulation=False: a T4 "supports" bf16 only by slow emulation; use fp16 there.
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        bf16 = torch.cuda.is_bf16_supported()
+    return "bf16" if bf16 else "fp16"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    # cpu=True where there is no CUDA GPU, so that a CPU launch with torchrun / accelerate
+    # launch runs DDP over gloo instead of falling back to one process.
+    cpu = not torch.cuda.is_available()
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError as err:
+        # Accelerate keeps its state per process; in a single process (a notebook that trains
+        # one model in bf16, then another in fp32) it is safe to start it over.
+        if "already been initialized" not in str(err) or PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices and conv kernels, none on biases and norm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def warmup_cosine(warmup_steps: float, total_steps: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier per scheduler step: linear warm-up to 1, then cosine down to min_lr_ratio."""
+
+    # A plain function, not a callable object: LambdaLR then leaves it out of its state_dict,
+    # so a resumed run with more epochs keeps the new, longer schedule.
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)  # never 0, so the first step is not wasted
+        progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by `fit`; a clear error if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint there; train that model first")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain Python data (see below); "
+                f"a model's .spec must hold only str, numbers, bools, None, lists, tuples and dicts. {err}"
+            ) from err
+        raise CheckpointError(
+            f"{path} could not be read ({type(err).__name__}: {err}). The file is corrupt or truncated "
+            f"(e.g. a copy cut short); delete it to train that model afresh, or restore a good copy."
+        ) from err
+
+
+def load_model(path, map_location="cpu") -> nn.Module:
+    """Rebuild the model a checkpoint was trained as (from its spec), load its weights, eval mode."""
+    checkpoint = load_checkpoint(path, map_location)
+    spec = checkpoint.get("spec")
+    if not spec or "name" not in spec:
+        raise ValueError(f"{path} holds no model spec; build the model yourself and load checkpoint['model']")
+    from .models import build_model
+
+    options = dict(spec.get("options", {k: v for k, v in spec.items() if k not in ("name", "num_classes")}))
+    options.pop("pretrained", None)  # the weights come from the checkpoint, not a hub download
+    model = build_model(spec["name"], num_classes=spec.get("num_classes", NUM_CLASSES), **options)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(map_location).eval()
+
+
+def _rng_state() -> dict:
+    # numpy's state as a tensor: checkpoints stay loadable with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _resume_mismatches(checkpoint: dict, config: TrainConfig, setup: dict) -> dict:
+    saved = {**checkpoint.get("config", {}), **checkpoint.get("setup", {})}
+    wanted = {**asdict(config), **setup}
+    return {key: (saved.get(key), value) for key, value in wanted.items()
+            if key not in RESUMABLE_CHANGES and saved.get(key) != value}
+
+
+def check_resumable(checkpoint: dict, config: TrainConfig, setup: dict, path: Path) -> None:
+    """Raise a ValueError naming every setting that differs from the one `path` was trained with."""
+    differ = _resume_mismatches(checkpoint, config, setup)
+    if differ:
+        details = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differ.items())
+        raise ValueError(
+            f"cannot resume from {path}: it was trained with other settings ({details}). "
+            f"Resuming continues the same run (only {', '.join(RESUMABLE_CHANGES)} may change). "
+            f"To train afresh, use a new run name or delete {path.parent}; to resume, go back to those settings."
+        )
+
+
+def restore_training_state(checkpoint: dict, optimizer, scheduler, scaler, lr_multiplier) -> None:
+    """Load optimizer, scheduler, grad scaler and RNG states from a checkpoint (after prepare)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    # The next steps follow the schedule for the current number of epochs, which may have grown.
+    steps_done = scheduler.scheduler.last_epoch
+    for group, base_lr in zip(optimizer.param_groups, scheduler.scheduler.base_lrs):
+        group["lr"] = base_lr * lr_multiplier(steps_done)
+    scheduler.scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    _set_rng_state(checkpoint["rng"])
+
+
+def _json_safe(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: TrainConfig,
+    out_dir,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+    sample_weights: Sequence[float] | None = None,
+    step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train `model` on `train_set`, validate on `val_set` each epoch, checkpoint into `out_dir`.
+
+    Datasets yield (image float tensor 3xHxW, mask int64 HxW with 255 = ignore).
+    `loss_fn(logits, masks)` is the training and validation loss. `step_loss(model, images,
+    masks) -> loss`, when given, replaces the training forward + loss (distillation runs its
+    frozen teachers inside it; it runs under the same autocast, and `images` are already on
+    the device). `sample_weights` (one per train sample) makes each epoch a weighted draw with
+    replacement of len(train_set) samples.
+
+    If out_dir/last.pt exists, training resumes after its epoch (settings must match, see
+    RESUMABLE_CHANGES); a finished run returns its history without training.
+
+    Returns the history, one dict per epoch: epoch, train_loss, val_loss, val_miou,
+    val_pixel_acc, per_class_iou (10, None where undefined), lr, seconds, images_per_s,
+    skipped_steps. `model` is left with the last epoch's weights (pruning made permanent);
+    use best.pt for the best ones.
+    """
+    if len(val_set) == 0:
+        raise ValueError("the val set is empty; fit needs one to measure mIoU")
+    out_dir = Path(out_dir)
+    last_path = out_dir / "last.pt"
+    accelerator = make_accelerator(resolve_precision(config.precision))
+    set_seed(config.seed)
+    say = accelerator.print
+
+    spec = getattr(model, "spec", None)
+    setup = {"spec": spec, "num_processes": accelerator.num_processes, "train_samples": len(train_set),
+             "weighted_sampling": sample_weights is not None}
+
+    # Resume: weights go in before pruning, so pruning the loaded zeros finds the same mask.
+    remove_pruning(model)  # in case an interrupted fit left this model object pruned
+    checkpoint = None
+    if last_path.exists():
+        checkpoint = load_checkpoint(last_path)
+        check_resumable(checkpoint, config, setup, last_path)
+        model.load_state_dict(checkpoint["model"])
+    if config.prune_decoder > 0:
+        # Before the optimizer is built: pruning turns `weight` into `weight_orig`.
+        prune_decoder(model, config.prune_decoder)
+
+    train_sampler = EpochSampler(len(train_set), config.seed, sample_weights)
+    worker_seeds = torch.Generator()  # draws the data workers' base seed; reseeded per epoch
+    pin_memory = accelerator.device.type == "cuda"
+    train_loader = DataLoader(
+        train_set, batch_size=config.batch_size, sampler=train_sampler,
+        drop_last=len(train_set) >= config.batch_size,  # no tiny last batch for BatchNorm
+        num_workers=config.num_workers, worker_init_fn=seed_worker, generator=worker_seeds, pin_memory=pin_memory,
+    )
+    # Not prepared by accelerate (see ShardSampler); moved to the device below.
+    val_loader = DataLoader(
+        val_set, batch_size=config.batch_size,
+        sampler=ShardSampler(len(val_set), accelerator.process_index, accelerator.num_processes),
+        num_workers=config.num_workers, worker_init_fn=seed_worker, pin_memory=pin_memory,
+    )
+
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    # Counted in single-process batches: accelerate steps the scheduler once per process.
+    steps_per_epoch = len(train_loader)
+    lr_multiplier = warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch,
+                                  config.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
+
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_set)} train samples make no full batch of {config.batch_size} "
+                         f"on each of {accelerator.num_processes} processes; lower batch_size")
+    unwrapped = accelerator.unwrap_model(model)
+
+    history: list[dict] = []
+    best_miou, best_epoch, skipped_steps, start_epoch = -math.inf, 0, 0, 1
+    if checkpoint is not None:
+        restore_training_state(checkpoint, optimizer, scheduler, accelerator.scaler, lr_multiplier)
+        history = list(checkpoint["history"])
+        best_miou, best_epoch = checkpoint["best_miou"], checkpoint["best_epoch"]
+        skipped_steps, start_epoch = checkpoint["skipped_steps"], checkpoint["epoch"] + 1
+        del checkpoint  # its tensors are loaded; free the memory
+        if start_epoch > config.epochs:
+            say(f"{last_path} has finished {start_epoch - 1} epochs (of {config.epochs} asked); nothing to train")
+        else:
+            say(f"resuming {last_path} at epoch {start_epoch}/{config.epochs}")
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        if config.patience and epoch - 1 - best_epoch >= config.patience:
+            say(f"early stop: no val mIoU gain for {config.patience} epochs (best {best_miou:.4f} at epoch {best_epoch})")
+            break
+        started = time.perf_counter()
+
+        # ---- train
+        model.train()
+        train_loader.set_epoch(epoch)  # the epoch's sample order (EpochSampler)
+        worker_seeds.manual_seed(_epoch_seed(config.seed, epoch, 1))
+        loss_sum = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, steps, images
+        epoch_skipped = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (progress and accelerator.is_main_process))
+        for step, (images, masks) in enumerate(bar):
+            optimizer.zero_grad(set_to_none=True)
+            with accelerator.autocast():
+                if step_loss is not None:
+                    loss = step_loss(model, images, masks)
+                else:
+                    loss = loss_fn(model(images), masks)
+            loss_sum[2] += len(images)
+
+            # Skip the whole step on a non-finite loss; under DDP every process must agree,
+            # or the others would wait forever in the gradient all-reduce.
+            finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+            if accelerator.num_processes > 1:
+                finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+            if finite.item() < 1:
+                epoch_skipped += 1
+                skipped_steps += 1
+                if accelerator.is_main_process:
+                    warnings.warn(f"epoch {epoch} step {step + 1}: non-finite loss, step skipped "
+                                  f"({skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
+                continue
+
+            accelerator.backward(loss)
+            if config.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                # With fp16 the grad scaler skips overflowing steps itself; otherwise a
+                # non-finite norm (identical on all processes after the all-reduce) means skip.
+                if accelerator.scaler is None and not torch.isfinite(grad_norm):
+                    epoch_skipped += 1
+                    skipped_steps += 1
+                    if accelerator.is_main_process:
+                        warnings.warn(f"epoch {epoch} step {step + 1}: non-finite gradients, step skipped "
+                                      f"({skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+            optimizer.step()
+            scheduler.step()
+
+            loss_sum[0] += loss.detach().double()
+            loss_sum[1] += 1
+            bar.set_postfix(loss=f"{(loss_sum[0] / loss_sum[1]).item():.4f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        bar.close()
+        train_seconds = time.perf_counter() - started
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+        train_loss = (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else math.nan
+
+        # DDP copies process 0's BatchNorm buffers at the start of each forward, so after the
+        # last step each process holds buffers updated from its own batch: take process 0's,
+        # so validation and the checkpoint see one model.
+        if accelerator.num_processes > 1:
+            for buffer in unwrapped.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+        # ---- validate
+        val = evaluate(unwrapped, val_loader, loss_fn, accelerator)
+        improved = not math.isnan(val["miou"]) and val["miou"] > best_miou
+        if improved:
+            best_miou, best_epoch = val["miou"], epoch
+        history.append({
+            "epoch": epoch,
+            "train_loss": _json_safe(train_loss),
+            "val_loss": _json_safe(val["loss"]),
+            "val_miou": _json_safe(val["miou"]),
+            "val_pixel_acc": _json_safe(val["pixel_acc"]),
+            "per_class_iou": [_json_safe(v) for v in val["iou"]],
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - started, 3),
+            "images_per_s": round(loss_sum[2].item() / max(train_seconds, 1e-9), 2),
+            "skipped_steps": epoch_skipped,
+        })
+
+        # ---- checkpoint (process 0 only; every file replaced atomically)
+        if accelerator.is_main_process:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "model": folded_state_dict(unwrapped),
+                "spec": spec,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "best_miou": best_miou,
+                "best_epoch": best_epoch,
+                "skipped_steps": skipped_steps,
+                "history": history,
+                "rng": _rng_state(),
+                "config": asdict(config),
+                "setup": setup,
+            }
+            if improved:
+                with atomic_open(out_dir / "best.pt", "wb") as handle:
+                    torch.save(state, handle)
+            with atomic_open(last_path, "wb") as handle:
+                torch.save(state, handle)
+            write_json(out_dir / "history.json", history)
+            del state
+
+        row = history[-1]
+        say(f"epoch {epoch}/{config.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
+            f"val_mIoU {val['miou']:.4f}  pixel_acc {val['pixel_acc']:.4f}  lr {row['lr']:.2e}  "
+            f"{row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s" + ("  *best" if improved else "")
+            + (f"  ({epoch_skipped} steps skipped)" if epoch_skipped else ""))
+
+    accelerator.wait_for_everyone()  # files are complete wherever fit returns
+    # Hand back a plain model: no pruning hooks, no autocast wrapper around its forward.
+    remove_pruning(unwrapped)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    accelerator.free_memory()
+    return history
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn, accelerator: Accelerator,
+             num_classes: int = NUM_CLASSES) -> dict:
+    """Val loss and scores over all processes' shares of `loader` (confusion matrices summed).
+
+    `model` is the unwrapped module: no DDP collectives inside the forward, so processes may
+    hold different numbers of val batches.
+    """
+    model.eval()
+    device = accelerator.device
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image losses, images
+    for images, masks in loader:
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(images)
+        loss = loss_fn(logits.float(), masks)
+        if torch.isfinite(loss):  # a batch of only ignore pixels has no loss
+            loss_sum += torch.stack([loss.double() * len(images), loss_sum.new_tensor(len(images))])
+        cm += confusion_matrix(logits.argmax(1), masks, num_classes=num_classes)
+    cm = accelerator.reduce(cm, reduction="sum")
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    result = scores(cm)
+    result["loss"] = (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else math.nan
+    result["confusion_matrix"] = cm.cpu()
+    return result
+
+
+def launch(fn: Callable, args: tuple = (), num_processes: int | None = None):
+    """Run `fn(*args)` on every GPU from a notebook: accelerate's notebook_launcher when there
+    is more than one (e.g. Kaggle's two T4s), a plain call otherwise (returning its result).
+
+    The notebook must not have touched CUDA before (notebook_launcher forks); under it, `fn`'s
+    return value is lost, so read results from the run folder (history.json, best.pt).
+    """
+    if num_processes is None:
+        num_processes = torch.cuda.device_count()  # does not initialise CUDA
+    if num_processes > 1:
+        from accelerate import notebook_launcher
+
+        notebook_launcher(fn, args, num_processes=num_processes)
+        return None
+    return fn(*args)
