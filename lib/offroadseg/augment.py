@@ -1,0 +1,188 @@
+"""Joint image + mask transforms: training augmentation and plain evaluation resizing.
+
+    transform = train_transform(size=(180, 320))      # (height, width) the model sees
+    image, mask = transform(image_uint8_hwc, mask_uint8_hw)
+    # image: float32 (3, 180, 320), ImageNet-normalised; mask: int64 (180, 320), 255 = ignore
+
+Training augmentation (the reference report's recipe, each step on its own coin):
+random crop of a random fraction of the image (p=0.5, 50-100% of the area,
+the output's aspect ratio) resized to `size`; rotation within +-20 degrees
+(p=0.7); scale 0.8-1.2 (p=0.7); horizontal flip (p=0.5); colour jitter
+(brightness, contrast, saturation 0.3, hue 0.05; p=0.8) on the image only.
+
+Alignment rules: the image is interpolated bilinearly (antialiased when
+shrinking), the mask by nearest neighbour, so labels never blend; pixels that
+rotation or down-scaling bring in from outside the image are 255 (ignore) in
+the mask and the ImageNet mean colour in the image (zero after normalising).
+Rotation, scale, flip and jitter are torchvision.transforms.v2 transforms on
+`tv_tensors.Image` / `tv_tensors.Mask`. The crop-and-resize step is done here
+instead: for masks v2's resize uses torch's "nearest", which samples the
+top-left source pixel of each output cell and so shifts labels by up to half an
+output pixel against the bilinear image; "nearest-exact" samples the cell's
+centre and keeps the two aligned.
+
+Random numbers come from torch's global generator (seed it, or let the
+DataLoader seed its workers). Transforms are picklable objects, fit for
+DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import RandomResizedCrop as _CropSampler
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .classes import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The mean as a uint8 colour: what out-of-image pixels are filled with, so they normalise to ~0.
+_MEAN_COLOUR = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """Float image(s) in [0, 1], shape (..., 3, H, W) -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalize`: back to [0, 1] (not clamped), shape (..., 3, H, W)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    return image * std + mean
+
+
+class SegmentationTransform:
+    """(image, mask) -> (normalised float image (3, H, W), int64 mask (H, W)).
+
+    `image`: uint8 RGB as a numpy (H, W, 3) array, a PIL image, or a tensor
+    (3, H, W) or (H, W, 3). `mask`: uint8 class indices (H, W) (255 = ignore),
+    numpy or tensor, or None (then None is returned in its place).
+
+    Steps: (1) optionally crop a random fraction (`crop_p`, `crop_scale`), and
+    resize to `size` (height, width) unless `size` is None; (2) `augment`, a v2
+    transform on (tv_tensors.Image, tv_tensors.Mask) or None; (3) to float and
+    normalise. With `keep_mask_size` the mask skips step 1 (evaluation at the
+    mask's native resolution: upsample the logits to the mask instead).
+    Build one with `train_transform` or `eval_transform`.
+    """
+
+    def __init__(self, size=None, crop_p=0.0, crop_scale=(0.5, 1.0), augment=None, keep_mask_size=False):
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.crop_p = crop_p
+        self.crop_scale = tuple(crop_scale)
+        self.augment = augment
+        self.keep_mask_size = keep_mask_size
+        if keep_mask_size and (crop_p or augment is not None):
+            raise ValueError("keep_mask_size is for evaluation: no crop or augmentation")
+
+    def __call__(self, image, mask=None):
+        image = _image_tensor(image)
+        mask = None if mask is None else _mask_tensor(mask)
+        if mask is not None and mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"mask {tuple(mask.shape[-2:])} and image {tuple(image.shape[-2:])} differ in size")
+        height, width = image.shape[-2:]
+        box = (0, 0, height, width)
+        if self.crop_p and torch.rand(()) < self.crop_p:
+            out_h, out_w = self.size or (height, width)
+            aspect = out_w / out_h  # crops keep the output's aspect ratio: no stretching
+            box = _CropSampler.get_params(image, list(self.crop_scale), [aspect, aspect])
+        size = list(self.size or (box[2], box[3]))
+        if box != (0, 0, height, width) or size != [height, width]:
+            image = TF.resized_crop(image, *box, size, InterpolationMode.BILINEAR, antialias=True)
+            if mask is not None and not self.keep_mask_size:
+                # A plain tensor takes the image path, where "nearest-exact" is honoured (see module doc).
+                mask = TF.resized_crop(mask, *box, size, InterpolationMode.NEAREST_EXACT)
+        if self.augment is not None:
+            if mask is None:
+                image = self.augment(tv_tensors.Image(image))
+            else:
+                image, mask = self.augment(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        image = normalize(TF.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True))
+        if mask is not None:
+            mask = mask.as_subclass(torch.Tensor)[0].long()
+        return image, mask
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(size={self.size}, crop_p={self.crop_p}, crop_scale={self.crop_scale}, "
+                f"keep_mask_size={self.keep_mask_size}, augment={self.augment})")
+
+
+def train_transform(
+    size,
+    crop_p: float = 0.5,
+    crop_scale=(0.5, 1.0),
+    rotate_p: float = 0.7,
+    degrees=20.0,
+    scale_p: float = 0.7,
+    scale=(0.8, 1.2),
+    flip_p: float = 0.5,
+    jitter_p: float = 0.8,
+    jitter=(0.3, 0.3, 0.3, 0.05),
+) -> SegmentationTransform:
+    """Training augmentation at `size` (height, width); every probability can be set to 0.
+
+    `degrees` is a bound (rotation in [-degrees, degrees]) or a (min, max)
+    pair; `scale` a (min, max) zoom; `jitter` (brightness, contrast,
+    saturation, hue) as in `ColorJitter`.
+    """
+    steps = []
+    if rotate_p:
+        steps.append(v2.RandomApply([v2.RandomAffine(degrees=degrees, interpolation=InterpolationMode.BILINEAR, fill=_fill())], p=rotate_p))
+    if scale_p:
+        steps.append(v2.RandomApply([v2.RandomAffine(degrees=0.0, scale=scale, interpolation=InterpolationMode.BILINEAR, fill=_fill())], p=scale_p))
+    if flip_p:
+        steps.append(v2.RandomHorizontalFlip(p=flip_p))
+    if jitter_p:
+        brightness, contrast, saturation, hue = jitter
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p))  # image only
+    return SegmentationTransform(size, crop_p=crop_p, crop_scale=crop_scale, augment=v2.Compose(steps) if steps else None)
+
+
+def eval_transform(size=None, keep_mask_size: bool = False) -> SegmentationTransform:
+    """Deterministic: resize to `size` (height, width; None keeps the native size) and normalise.
+
+    `keep_mask_size=True` leaves the mask at its native resolution, for
+    metrics computed at full resolution.
+    """
+    return SegmentationTransform(size, keep_mask_size=keep_mask_size)
+
+
+def _fill():
+    # A fresh dict per transform: torchvision normalises the fill dict in place.
+    return {tv_tensors.Image: _MEAN_COLOUR, tv_tensors.Mask: IGNORE_INDEX}
+
+
+def _image_tensor(image) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        array = np.ascontiguousarray(np.asarray(image))
+        # PIL-backed arrays are read-only, which torch warns about; a copy is cheap next to the rest.
+        image = torch.from_numpy(array if array.flags.writeable else array.copy())
+        if image.ndim == 3:
+            image = image.permute(2, 0, 1)
+    elif image.ndim == 3 and image.shape[0] != 3 and image.shape[-1] == 3:
+        image = image.permute(2, 0, 1)
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 RGB image (H, W, 3) or (3, H, W); got {tuple(image.shape)} {image.dtype}")
+    return image.contiguous()
+
+
+def _mask_tensor(mask) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        array = np.asarray(mask)
+        mask = torch.from_numpy(array if array.flags.writeable else array.copy())
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"expected a mask (H, W); got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.uint8:
+        if mask.numel() and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError("mask values outside 0..255: pass class indices (data.read_mask), not raw IDs")
+        mask = mask.to(torch.uint8)
+    return mask.unsqueeze(0).contiguous()
