@@ -148,3 +148,43 @@ def iou_table(per_class_iou, name: str = "IoU") -> str:
     for cname, value in zip(CLASS_NAMES, per_class_iou):
         lines.append(f"{cname:<15} {'-' if value is None or value != value else f'{value:.2f}':>8}")
     return "\n".join(lines)
+
+
+def confusion_figure(cm, title: str = "normalised confusion matrix (rows: truth)"):
+    """Row-normalised confusion matrix: each row shows where a true class's pixels went."""
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(7.5, 6.2))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    for r in range(norm.shape[0]):
+        for c in range(norm.shape[1]):
+            if norm[r, c] >= 0.01:
+                ax.text(c, r, f"{norm[r, c]:.2f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if norm[r, c] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_iou_bars(results: dict[str, list], title: str = "per-class IoU"):
+    """Grouped bars: per-class IoU of several models. `results`: {model name: [10 IoUs]}."""
+    names = list(results)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    x = np.arange(len(CLASS_NAMES))
+    for i, name in enumerate(names):
+        values = [0.0 if v is None or v != v else v for v in results[name]]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, CLASS_NAMES, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU")
+    ax.legend(ncol=min(len(names), 6), fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,119 @@
+"""Final evaluation (notebook 06): scores per model, per-image ranking, confusions, predictions.
+
+metrics.json (what users and scripts read) holds one row per evaluated model:
+{"model", "params", "latency_ms": {"median", "p90", "device", "input_size"}, "images_per_s",
+ "best_batch", "miou", "pixel_acc", "per_class_iou": {class name: IoU or null}, "split"}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
+from .data import read_image, write_image, write_raw_mask
+from .files import read_json, write_json
+from .metrics import confusion_matrix, per_class, scores
+
+METRICS_VERSION = 1
+
+
+def most_confused_pairs(cm, top: int = 5) -> list[dict]:
+    """The largest off-diagonal cells, as a share of the true class's pixels."""
+    cm = np.asarray(torch.as_tensor(cm).cpu(), dtype=np.float64)
+    truth_totals = cm.sum(axis=1)
+    pairs = []
+    for t in range(cm.shape[0]):
+        for p in range(cm.shape[1]):
+            if t != p and cm[t, p] > 0:
+                pairs.append({"truth": CLASS_NAMES[t], "predicted": CLASS_NAMES[p], "pixels": int(cm[t, p]),
+                              "share_of_truth": float(cm[t, p] / truth_totals[t])})
+    pairs.sort(key=lambda row: row["share_of_truth"], reverse=True)
+    return pairs[:top]
+
+
+def per_image_scores(predictions, targets) -> list[float]:
+    """mIoU of each image on its own (classes absent from both are left out, as in `scores`)."""
+    return [scores(confusion_matrix(p, t))["miou"] for p, t in zip(predictions, targets)]
+
+
+@torch.inference_mode()
+def predict_native(predict_probs, image: np.ndarray, transform, device="cpu") -> np.ndarray:
+    """Class indices at the image's own resolution: model input at `transform`'s size, probabilities
+    upsampled bilinearly to the native size before the argmax (labels are never resized)."""
+    tensor, _ = transform(image, None)
+    probs = predict_probs(tensor[None].to(device))
+    probs = F.interpolate(probs.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
+    return probs.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
+
+
+def write_predictions(predict_probs, pairs, out_dir, transform, device="cpu", progress: bool = True) -> list[Path]:
+    """Predictions for every image of `pairs`: raw/<stem>.png (raw IDs, 16-bit, the masks' own
+    format) and color/<stem>.png (overlay), both at the native resolution, written atomically."""
+    from tqdm.auto import tqdm
+
+    from .plots import overlay
+
+    out_dir = Path(out_dir)
+    written = []
+    for image_path, _ in tqdm(pairs, desc="predict", unit="img", disable=not progress):
+        image = read_image(image_path)
+        pred = predict_native(predict_probs, image, transform, device)
+        raw_path = out_dir / "raw" / f"{Path(image_path).stem}.png"
+        write_raw_mask(raw_path, INDEX_TO_RAW[pred])
+        write_image(out_dir / "color" / f"{Path(image_path).stem}.png", overlay(image, pred))
+        written.append(raw_path)
+    return written
+
+
+def metrics_row(model: str, result: dict, params: int | None, latency: dict | None, throughput: dict | None,
+                split: str, device: str, input_size) -> dict:
+    """One metrics.json row from a scores dict and timing measurements."""
+    return {
+        "model": model,
+        "params": params,
+        "latency_ms": None if latency is None else {"median": latency["median_ms"], "p90": latency["p90_ms"],
+                                                    "device": device, "input_size": list(input_size)},
+        "images_per_s": None if throughput is None else throughput["images_per_s"],
+        "best_batch": None if throughput is None else throughput["best_batch"],
+        "miou": result["miou"],
+        "pixel_acc": result["pixel_acc"],
+        "per_class_iou": per_class(result["iou"]),
+        "split": split,
+    }
+
+
+def write_metrics(path, rows: list[dict], **context) -> dict:
+    """metrics.json, atomically; `context` (run, profile, data root, ...) goes beside the rows."""
+    content = {"version": METRICS_VERSION, **context, "models": rows}
+    write_json(path, content)
+    return content
+
+
+def read_metrics(path) -> dict:
+    return read_json(path)
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Plain-text comparison of metrics rows."""
+    header = f"{'model':<14} {'params M':>8} {'mIoU':>6} {'pix acc':>7} {'ms/img':>8} {'p90 ms':>8} {'img/s':>7} {'batch':>5}"
+    lines = [header]
+    for r in rows:
+        lat = r["latency_ms"] or {}
+        lines.append(
+            f"{r['model']:<14} {(r['params'] or 0) / 1e6:>8.2f} {r['miou']:>6.3f} {r['pixel_acc']:>7.3f} "
+            f"{lat.get('median', float('nan')):>8.1f} {lat.get('p90', float('nan')):>8.1f} "
+            f"{r['images_per_s'] or float('nan'):>7.1f} {r['best_batch'] or '-':>5}"
+        )
+    return "\n".join(lines)
+
+
+def prediction_is_valid(path) -> bool:
+    """True when a written prediction reopens with read_mask to valid class indices only."""
+    from .data import read_mask
+
+    mask = read_mask(path)
+    return bool((mask < NUM_CLASSES).all())
