@@ -244,17 +244,26 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def load_model(path, map_location="cpu") -> nn.Module:
-    """Rebuild the model a checkpoint was trained as (from its spec), load its weights, eval mode."""
+    """Rebuild the model a checkpoint was trained as (from its spec), load its weights, eval mode.
+
+    A spec with a "prefix" (e.g. "student.") comes from a wrapper trained around the model
+    (`distill.DistillationStudent`, whose state also holds feature projections): only the
+    weights under that prefix are loaded, prefix stripped, so the model comes back alone.
+    """
     checkpoint = load_checkpoint(path, map_location)
     spec = checkpoint.get("spec")
     if not spec or "name" not in spec:
         raise ValueError(f"{path} holds no model spec; build the model yourself and load checkpoint['model']")
     from .models import build_model
 
-    options = dict(spec.get("options", {k: v for k, v in spec.items() if k not in ("name", "num_classes")}))
+    options = dict(spec.get("options", {k: v for k, v in spec.items() if k not in ("name", "num_classes", "prefix")}))
     options.pop("pretrained", None)  # the weights come from the checkpoint, not a hub download
     model = build_model(spec["name"], num_classes=spec.get("num_classes", NUM_CLASSES), **options)
-    model.load_state_dict(checkpoint["model"])
+    state = checkpoint["model"]
+    prefix = spec.get("prefix")
+    if prefix:
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    model.load_state_dict(state)
     return model.to(map_location).eval()
 
 

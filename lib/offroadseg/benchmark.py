@@ -1,0 +1,195 @@
+"""Timing helpers for notebooks and bench scripts: latency and throughput of a model.
+
+    time_fn(lambda: model(x))                   # {"median_ms", "p90_ms", "runs", ...}
+    latency(model)                              # batch 1 at the native 960x540 input
+    throughput(model, (540, 960))               # the batch size with the most images/s
+
+Rules that make the numbers mean something:
+- the clock is `time.perf_counter`, read after `torch.cuda.synchronize` when the
+  work runs on a GPU (kernels are asynchronous; without it one times the launch);
+- a few untimed warm-up calls first (allocator, cuDNN autotuning, lazy init);
+- the median and 90th percentile of the timed calls, not the mean, so one
+  hiccup of a shared machine does not move the figure;
+- models run as in evaluation (`ensemble.inference_autocast`: bf16 on GPUs that
+  support it, fp32 on CPU) under `torch.inference_mode()`, on random
+  normalised input (values do not change the cost of these networks).
+
+Speed claims belong in bench scripts that print figures, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ensemble import prepare_for_inference, default_device, inference_autocast
+
+NATIVE_SIZE = (540, 960)  # (height, width) of the Falcon images
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 3, runs: int = 20, device=None,
+            max_seconds: float | None = None) -> dict:
+    """Time `fn()`: `warmup` untimed calls, then up to `runs` timed ones.
+
+    `device` says where `fn`'s work runs (None: the GPU when there is one), so
+    the clock is read after the GPU finished. `max_seconds` stops timing early
+    once that much time went into the timed calls (at least one is always
+    made), which keeps slow models within a budget. Returns {"median_ms",
+    "p90_ms", "min_ms", "mean_ms", "runs"} ("runs" = calls actually timed).
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    device = default_device(device)
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    times = []
+    spent = 0.0
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        times.append(elapsed * 1000.0)
+        spent += elapsed
+        if max_seconds is not None and spent >= max_seconds:
+            break
+    times_ms = np.asarray(times)
+    return {
+        "median_ms": float(np.median(times_ms)),
+        "p90_ms": float(np.percentile(times_ms, 90)),
+        "min_ms": float(times_ms.min()),
+        "mean_ms": float(times_ms.mean()),
+        "runs": len(times),
+    }
+
+
+def _random_input(batch: int, input_size: Sequence[int], device: torch.device) -> torch.Tensor:
+    # Normalised images are roughly standard normal per channel; a fixed seed keeps runs comparable.
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, *input_size, generator=generator).to(device)
+
+
+def _inference_call(model: Callable, x: torch.Tensor, device: torch.device) -> Callable[[], object]:
+    def call():
+        with torch.inference_mode(), inference_autocast(device):
+            return model(x)
+
+    return call
+
+
+def latency(
+    model: nn.Module | Callable,
+    input_size: Sequence[int] = NATIVE_SIZE,
+    device=None,
+    batch: int = 1,
+    warmup: int | None = None,
+    runs: int | None = None,
+    max_seconds: float | None = 5.0,
+) -> dict:
+    """Milliseconds per forward of `model` on a random (batch, 3, H, W) input, as in evaluation.
+
+    `input_size` is (height, width), the native 960x540 by default. A module is
+    moved to `device` and put in eval mode. Returns `time_fn`'s fields plus
+    device, input_size [H, W], batch and precision ("bf16", "fp16" or "fp32").
+
+    Defaults: on a GPU 10 warm-up and 50 timed calls (milliseconds each); on a
+    CPU 1 warm-up and up to 10 timed calls within `max_seconds` of timing, so a
+    SegFormer-B0 at 540x960 (0.4 s a call on two idle cores, seconds on busy
+    ones) takes about 10 s at most.
+    """
+    device = default_device(device)
+    on_gpu = device.type == "cuda"
+    warmup = warmup if warmup is not None else (10 if on_gpu else 1)
+    runs = runs if runs is not None else (50 if on_gpu else 10)
+    model = prepare_for_inference(model, device)
+    x = _random_input(batch, input_size, device)
+    timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
+                     max_seconds=max_seconds)
+    return {**timing, "device": _device_name(device), "input_size": list(input_size), "batch": batch,
+            "precision": _precision(device)}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _precision(device: torch.device) -> str:
+    context = inference_autocast(device)
+    if isinstance(context, torch.autocast):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[context.fast_dtype]
+    return "fp32"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    # torch.OutOfMemoryError is recent (CUDA's alias for it is older); a CPU allocation failure is a RuntimeError.
+    candidates = (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    oom_types = tuple(t for t in candidates if t is not None)
+    if oom_types and isinstance(error, oom_types):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def throughput(
+    model: nn.Module | Callable,
+    input_size: Sequence[int] = NATIVE_SIZE,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
+    device=None,
+    time_budget_s: float = 60.0,
+    warmup: int = 2,
+    runs: int = 5,
+) -> dict:
+    """Images per second of `model` at growing batch sizes; the best batch size and its rate.
+
+    Batch sizes are tried in increasing order; growing stops at the first size
+    that runs out of memory, that does not beat the best images/s so far
+    (larger batches will not either, once the device is saturated), or once
+    `time_budget_s` is spent (each size also gets at most its share of it).
+    Returns {"best_batch", "images_per_s", "per_batch": {batch: {"images_per_s",
+    "median_ms", "runs"} or {"error": "out of memory"}}, "device",
+    "input_size", "precision"}.
+    """
+    device = default_device(device)
+    model = prepare_for_inference(model, device)
+    batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    per_batch: dict[int, dict] = {}
+    best_batch, best_rate = None, -math.inf
+    started = time.perf_counter()
+    for batch in batch_sizes:
+        remaining = time_budget_s - (time.perf_counter() - started)
+        if remaining <= 0:
+            break
+        try:
+            x = _random_input(batch, input_size, device)
+            timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
+                             max_seconds=min(remaining, time_budget_s / len(batch_sizes)))
+        except Exception as error:
+            if not _is_out_of_memory(error):
+                raise
+            per_batch[batch] = {"error": "out of memory"}
+            x = None  # drop the last input before handing the cached memory back
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            break
+        rate = batch / (timing["median_ms"] / 1000.0)
+        per_batch[batch] = {"images_per_s": rate, "median_ms": timing["median_ms"], "runs": timing["runs"]}
+        if rate <= best_rate:
+            break
+        best_batch, best_rate = batch, rate
+    if best_batch is None:
+        raise RuntimeError(f"no batch size of {batch_sizes} could be timed: {per_batch}")
+    return {"best_batch": best_batch, "images_per_s": best_rate, "per_batch": per_batch,
+            "device": _device_name(device), "input_size": list(input_size), "precision": _precision(device)}

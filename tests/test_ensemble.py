@@ -1,0 +1,220 @@
+"""Ensemble averaging, batched test-time augmentation, the one-pass weight search, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offroadseg.classes import CLASS_NAMES
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation, choose_weight, evaluate_model, tta_probs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are tiny: threads gain nothing, and on busy shared cores torch's OpenMP
+    # threads wait on each other, which made this file 20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def conv_model(kernel_size: int = 1, seed: int = 0) -> nn.Module:
+    """Logits from one conv: a 1x1 conv commutes with flips, a 3x3 one with random weights does not."""
+    torch.manual_seed(seed)
+    return nn.Conv2d(3, 10, kernel_size, padding=kernel_size // 2)
+
+
+class NotFlipEquivariant(nn.Module):
+    """A 3x3 conv plus a left-to-right ramp on class 0: flipping the input changes the answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = conv_model(3, seed=1)
+
+    def forward(self, x):
+        logits = self.conv(x)
+        ramp = torch.linspace(-2, 2, x.shape[-1], device=x.device)
+        return logits + F.pad(ramp.expand(x.shape[0], 1, *x.shape[-2:]), (0, 0, 0, 0, 0, 9))
+
+
+class CallCounter(nn.Module):
+    """Wraps a model and records the batch size of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.model(x)
+
+
+def image_batch(n: int = 2, h: int = 8, w: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+
+def test_ensemble_is_the_weighted_average_of_softmaxes():
+    a, b, x = conv_model(seed=0), conv_model(seed=1), image_batch()
+    expected = 0.3 * a(x).softmax(1) + 0.7 * b(x).softmax(1)
+    with torch.no_grad():
+        assert torch.allclose(Ensemble([a, b], [0.3, 0.7])(x), expected.detach(), atol=1e-6)
+        # Weights are normalised: (3, 7) is (0.3, 0.7).
+        assert torch.allclose(Ensemble([a, b], [3, 7])(x), expected.detach(), atol=1e-6)
+        # At a temperature: the average of softmax(z / T), not softmax of the averaged logits.
+        hot = Ensemble([a, b], [0.3, 0.7]).probs(x, temperature=4.0)
+        assert torch.allclose(hot, 0.3 * (a(x) / 4).softmax(1) + 0.7 * (b(x) / 4).softmax(1), atol=1e-6)
+        assert not torch.allclose(hot, expected, atol=1e-3)
+
+
+def test_ensemble_of_a_model_with_itself_is_its_softmax():
+    model, x = conv_model(3), image_batch()
+    with torch.no_grad():
+        probs = Ensemble([model, model])(x)
+        assert torch.allclose(probs, model(x).softmax(1), atol=1e-6)
+    assert torch.allclose(probs.sum(1), torch.ones(()), atol=1e-5)
+
+
+def test_ensemble_members_stay_frozen_and_in_eval_mode():
+    member = nn.Sequential(nn.Conv2d(3, 10, 1), nn.Dropout(0.5))
+    ensemble = Ensemble([member]).train()
+    assert ensemble.training and not member.training
+    assert not any(p.requires_grad for p in ensemble.parameters())
+    x = image_batch()
+    assert torch.equal(ensemble(x), ensemble(x))  # dropout off: deterministic
+    with pytest.raises(ValueError):
+        Ensemble([member], [0.5, 0.5])
+    with pytest.raises(ValueError):
+        Ensemble([member, member], [1.0, -1.0])
+
+
+# ---------------------------------------------------------------------------------- TTA
+
+
+def test_tta_of_a_flip_equivariant_model_is_its_plain_output():
+    model, x = conv_model(1), image_batch()
+    with torch.no_grad():
+        assert torch.allclose(tta_probs(model, x, flips=("h", "v", "hv")), model(x).softmax(1), atol=1e-6)
+
+
+def test_tta_averages_the_unflipped_outputs_in_one_batched_call():
+    model, x = CallCounter(NotFlipEquivariant()), image_batch(n=2)
+    with torch.no_grad():
+        result = tta_probs(model, x, flips=("h", "v"))
+        f = model.model
+        expected = (f(x).softmax(1) + f(x.flip(-1)).softmax(1).flip(-1) + f(x.flip(-2)).softmax(1).flip(-2)) / 3
+    assert model.batches == [6]  # one call on the 3 views x 2 images (the check above calls f directly)
+    assert torch.allclose(result, expected, atol=1e-6)
+    assert not torch.allclose(result, f(x).softmax(1).detach(), atol=1e-3)  # TTA did change something
+
+
+def test_tta_with_scales_makes_one_call_per_scale():
+    model, x = CallCounter(NotFlipEquivariant()), image_batch(n=2, h=8, w=12)
+    with torch.no_grad():
+        result = tta_probs(model, x, flips=(), scales=(0.5, 1.0))
+        f = model.model
+        small = F.interpolate(x, size=(4, 6), mode="bilinear", align_corners=False)
+        back = F.interpolate(f(small), size=(8, 12), mode="bilinear", align_corners=False)
+        expected = (back.softmax(1) + f(x).softmax(1)) / 2
+    assert model.batches == [2, 2]
+    assert torch.allclose(result, expected, atol=1e-6)
+
+    model.batches.clear()
+    with torch.no_grad():
+        tta_probs(model, x, flips=("h", "v", "hv"), scales=(0.75, 1.0, 1.25))
+    assert model.batches == [8, 8, 8]
+    with pytest.raises(ValueError):
+        tta_probs(model, x, flips=("diagonal",))
+
+
+def test_tta_of_an_ensemble_averages_its_probabilities_without_a_second_softmax():
+    ensemble = Ensemble([conv_model(1, seed=0), conv_model(1, seed=1)])
+    x = image_batch()
+    with torch.no_grad():
+        assert torch.allclose(TestTimeAugmentation(ensemble, flips=("h", "v"))(x), ensemble(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------ weight search, evaluation
+
+
+class LabelReader(nn.Module):
+    """Reads the true class stored in channel 0 of the image and answers with a chosen confidence.
+
+    `shift` 0 answers the truth, 1 the next class (always wrong); `scale` sets the logits' size.
+    """
+
+    def __init__(self, shift: int, scale: float):
+        super().__init__()
+        self.shift, self.scale = shift, scale
+
+    def forward(self, x):
+        label = (x[:, 0].round().long() + self.shift) % 10
+        return self.scale * F.one_hot(label, 10).permute(0, 3, 1, 2).float()
+
+
+def labelled_loader(batches: int = 3, n: int = 2, h: int = 6, w: int = 8):
+    generator = torch.Generator().manual_seed(0)
+    loader = []
+    for _ in range(batches):
+        masks = torch.randint(0, 10, (n, h, w), generator=generator)
+        images = torch.randn(n, 3, h, w, generator=generator)
+        images[:, 0] = masks.float()
+        masks[:, 0, 0] = 255  # an ignore pixel in every image
+        loader.append((images, masks))
+    return loader
+
+
+def test_choose_weight_picks_the_perfect_member_in_one_pass():
+    # a is right but barely confident, b confidently wrong: only w = 1 (all a) gets everything right.
+    a, b = CallCounter(LabelReader(shift=0, scale=0.1)), CallCounter(LabelReader(shift=1, scale=10.0))
+    loader = labelled_loader(batches=3)
+    best, table = choose_weight(a, b, loader, device="cpu")
+    assert best == 1.0
+    assert len(a.batches) == len(b.batches) == 3  # one pass over the loader
+    assert [row["weight"] for row in table] == pytest.approx([i / 10 for i in range(11)])
+    assert table[-1]["miou"] == pytest.approx(1.0) and table[0]["miou"] == pytest.approx(0.0)
+    assert table[-2]["miou"] < 1.0  # w = 0.9 is already dragged off by b
+
+    best, table = choose_weight(b, a, loader, device="cpu")
+    assert best == 0.0 and table[0]["miou"] == pytest.approx(1.0)
+
+
+def test_choose_weight_breaks_ties_towards_an_even_blend():
+    perfect = LabelReader(shift=0, scale=5.0)
+    best, table = choose_weight(perfect, perfect, labelled_loader(), grid=[0.0, 0.2, 0.6, 1.0], device="cpu")
+    assert all(row["miou"] == pytest.approx(1.0) for row in table)
+    assert best == 0.6
+
+
+def test_evaluate_model_scores_models_ensembles_and_tta():
+    loader = labelled_loader()
+    perfect = LabelReader(shift=0, scale=5.0)
+    for predictor in (perfect, Ensemble([perfect]), TestTimeAugmentation(Ensemble([perfect]), flips=())):
+        result = evaluate_model(predictor, loader, device="cpu")
+        assert result["miou"] == pytest.approx(1.0) and result["pixel_acc"] == pytest.approx(1.0)
+        assert result["images"] == 6
+        assert sum(map(sum, result["confusion_matrix"])) == 6 * 6 * 8 - 6  # ignore pixels left out
+        assert list(result["per_class_iou"]) == list(CLASS_NAMES)
+    wrong = evaluate_model(LabelReader(shift=1, scale=5.0), loader, device="cpu")
+    assert wrong["pixel_acc"] == 0.0 and wrong["miou"] == 0.0
+
+
+def test_evaluate_model_resizes_predictions_to_the_masks():
+    # A model at half resolution: its argmax is upsampled to the mask, where it is still right.
+    class HalfSize(nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 10, x.shape[-2] // 2, x.shape[-1] // 2)
+            logits[:, 3] = 1.0
+            return logits
+
+    masks = torch.full((2, 6, 8), 3)
+    result = evaluate_model(HalfSize(), [(torch.zeros(2, 3, 6, 8), masks)], device="cpu")
+    assert result["pixel_acc"] == 1.0 and math.isnan(result["iou"][0]) and result["iou"][3] == 1.0
