@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
 from .data import read_image, write_image, write_raw_mask
@@ -41,16 +40,17 @@ def per_image_scores(predictions, targets) -> list[float]:
 
 
 @torch.inference_mode()
-def predict_native(predict_probs, image: np.ndarray, transform, device="cpu") -> np.ndarray:
-    """Class indices at the image's own resolution: model input at `transform`'s size, probabilities
+def predict_native(predictor, image: np.ndarray, transform, device="cpu") -> np.ndarray:
+    """Class indices at the image's own resolution: model input at `transform`'s size, outputs
     upsampled bilinearly to the native size before the argmax (labels are never resized)."""
+    from .ensemble import probabilities
+
     tensor, _ = transform(image, None)
-    probs = predict_probs(tensor[None].to(device))
-    probs = F.interpolate(probs.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
+    probs = probabilities(predictor, tensor[None].to(device), size=image.shape[:2])
     return probs.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
 
 
-def write_predictions(predict_probs, pairs, out_dir, transform, device="cpu", progress: bool = True) -> list[Path]:
+def write_predictions(predictor, pairs, out_dir, transform, device="cpu", progress: bool = True) -> list[Path]:
     """Predictions for every image of `pairs`: raw/<stem>.png (raw IDs, 16-bit, the masks' own
     format) and color/<stem>.png (overlay), both at the native resolution, written atomically."""
     from tqdm.auto import tqdm
@@ -61,7 +61,7 @@ def write_predictions(predict_probs, pairs, out_dir, transform, device="cpu", pr
     written = []
     for image_path, _ in tqdm(pairs, desc="predict", unit="img", disable=not progress):
         image = read_image(image_path)
-        pred = predict_native(predict_probs, image, transform, device)
+        pred = predict_native(predictor, image, transform, device)
         raw_path = out_dir / "raw" / f"{Path(image_path).stem}.png"
         write_raw_mask(raw_path, INDEX_TO_RAW[pred])
         write_image(out_dir / "color" / f"{Path(image_path).stem}.png", overlay(image, pred))
@@ -117,3 +117,40 @@ def prediction_is_valid(path) -> bool:
 
     mask = read_mask(path)
     return bool((mask < NUM_CLASSES).all())
+
+
+@torch.inference_mode()
+def per_image_results(predictor, dataset, device=None, progress: bool = False) -> list[dict]:
+    """Per-image mIoU of `predictor` on `dataset` (masks at their own size), best first.
+
+    Rows: {"index", "stem", "miou", "prediction" (uint8 class map at the mask's size)}.
+    """
+    from tqdm.auto import tqdm
+
+    from .ensemble import default_device, inference_autocast, prepare_for_inference, probabilities
+
+    device = default_device(device)
+    predictor = prepare_for_inference(predictor, device)
+    rows = []
+    for index in tqdm(range(len(dataset)), desc="per-image", disable=not progress):
+        image, mask = dataset[index]
+        with inference_autocast(device):
+            probs = probabilities(predictor, image[None].to(device), size=tuple(mask.shape[-2:]))
+        pred = probs.float().argmax(dim=1)[0].cpu()
+        rows.append({"index": index, "stem": dataset.stem(index), "miou": scores(confusion_matrix(pred, mask))["miou"],
+                     "prediction": pred.to(torch.uint8).numpy()})
+    rows.sort(key=lambda row: row["miou"], reverse=True)
+    return rows
+
+
+def best_and_worst_rows(rows: list[dict], dataset, count: int = 2) -> list[tuple]:
+    """(image, truth, prediction, caption) rows of the `count` best and worst images, for plots.prediction_grid."""
+    from .data import read_mask
+
+    chosen = [("best", r) for r in rows[:count]] + [("worst", r) for r in rows[-count:][::-1]]
+    out = []
+    for label, row in chosen:
+        image_path, mask_path = dataset.pairs[row["index"]]
+        out.append((read_image(image_path), read_mask(mask_path), row["prediction"],
+                    f"{label}: {row['stem']} mIoU {row['miou']:.2f}"))
+    return out

@@ -56,6 +56,27 @@ def start(step: str, run: str, profile: str, data: str | os.PathLike | None = No
     return Context(step=step, run=folder, profile=chosen, data_root=data_root, parameters=parameters)
 
 
+# Which notebook writes which artifact: a missing input names the notebook to run first.
+PRODUCERS = {
+    "scan.json": "01_data_scan",
+    "models/segformer": "02_train_segformer",
+    "models/deeplab": "03_train_deeplab",
+    "ensemble.json": "04_ensemble",
+    "models/student": "05_distill",
+    "metrics.json": "06_evaluate",
+}
+
+
+def require(ctx: Context, relative: str) -> Path:
+    """The path of an earlier notebook's artifact in this run; a clear error naming that notebook if absent."""
+    path = ctx.run.dir / relative
+    if not path.exists():
+        producer = next((nb for key, nb in PRODUCERS.items() if relative.startswith(key)), "the earlier notebooks")
+        raise FileNotFoundError(f"{path} not found: run notebook {producer} for run '{ctx.run.name}' first "
+                                f"(./run_all.sh --run {ctx.run.name} --only {producer[:2]})")
+    return path
+
+
 def finish(ctx: Context, **extra) -> None:
     """Record the notebook's end (and any summary figures) in run.json."""
     record_step(ctx.run, ctx.step, {}, profile=ctx.profile.name, data_root=ctx.data_root, finished=True, extra=extra)

@@ -34,24 +34,29 @@ def select_notebooks(only: str | None, folder: Path) -> list[Path]:
     return sorted(chosen)
 
 
-def run_notebooks(notebooks: list[Path], run: str, profile: str, data: str | None, out_dir: Path) -> int:
+def run_notebooks(notebooks: list[Path], run: str, profile: str, data: str | None, out_dir: Path | None) -> int:
+    """Execute `notebooks` in order with papermill into `out_dir`; `out_dir=None` executes them in
+    place with their own default parameters (how the stored outputs of a demo run are refreshed)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {"run": run, "profile": profile}
-    if data:
-        parameters["data"] = str(Path(data).expanduser().resolve())
+    parameters = {}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        parameters = {"run": run, "profile": profile}
+        if data:
+            parameters["data"] = str(Path(data).expanduser().resolve())
     total = time.perf_counter()
     for notebook in notebooks:
         started = time.perf_counter()
         try:
-            pm.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters=parameters,
+            target = notebook if out_dir is None else out_dir / notebook.name
+            pm.execute_notebook(str(notebook), str(target), parameters=parameters,
                                 cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
         except PapermillExecutionError as err:
             print(f"{notebook.stem:<22} {time.perf_counter() - started:7.1f} s  FAILED", flush=True)
             print(f"\n{notebook.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}", file=sys.stderr)
-            print(f"executed copy with the full traceback: {out_dir / notebook.name}", file=sys.stderr)
+            print(f"executed copy with the full traceback: {target}", file=sys.stderr)
             return 1
         except Exception as err:  # kernel died, missing kernel, bad notebook JSON...
             print(f"{notebook.stem:<22} {time.perf_counter() - started:7.1f} s  FAILED", flush=True)
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="demo", choices=("demo", "full"))
     parser.add_argument("--data", default=None, help="dataset root (default: the generated demo desert)")
     parser.add_argument("--only", default=None, help="comma list of notebooks, e.g. 01,02")
+    parser.add_argument("--store", action="store_true",
+                        help="developers: execute notebooks/ in place with their defaults (refreshes the stored demo outputs)")
     args = parser.parse_args(argv)
     root = project_root()
     run = args.run or args.profile
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if not notebooks:
         print("no notebooks found under notebooks/", file=sys.stderr)
         return 1
+    if args.store:
+        if args.run or args.data or args.profile != "demo":
+            parser.error("--store runs the notebooks with their own defaults: drop --run, --data and --profile")
+        return run_notebooks(notebooks, "demo", "demo", None, None)
     return run_notebooks(notebooks, run, args.profile, args.data, out_dir)
 
 

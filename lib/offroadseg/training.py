@@ -86,3 +86,75 @@ def sample_predictions(model, dataset, count: int = 3):
         image = (augment.denormalize(image_t).permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
         rows.append((image, mask_t.numpy().astype(np.uint8), pred.numpy().astype(np.uint8), dataset.stem(int(index))))
     return rows
+
+
+def loader(dataset, batch_size: int = 8, workers: int = 0):
+    """A plain evaluation DataLoader (fixed order, no drop)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def val_dataset(scan: dict, image_size: tuple[int, int], native_masks: bool = False, split: str = "val"):
+    """Evaluation dataset: images at the model input size; masks at it too, or at their native
+    resolution (`native_masks=True`: predictions are upsampled to the masks, the honest way to score)."""
+    transform = augment.eval_transform(image_size, keep_mask_size=native_masks)
+    return SegmentationDataset(usable_pairs(scan, split), transform, cache_size=None if native_masks else image_size)
+
+
+def load_teachers(ctx) -> dict:
+    """Both teachers' best checkpoints, in eval mode; a clear error naming the notebook to run when missing."""
+    from .engine import load_model
+    from .pipeline import require
+
+    return {role: load_model(require(ctx, f"models/{role}/best.pt")) for role in ("segformer", "deeplab")}
+
+
+def distillation_setup(ctx, scan: dict, plan: ModelPlan, alpha: float = 0.5, temperature: float = 2.0,
+                       beta: float = 0.5):
+    """(trainable DistillationStudent, Distiller) for the run's ensemble (weights from ensemble.json).
+
+    loss = alpha * CE(truth) + (1 - alpha) * T^2 * KL(student/T || ensemble/T) + beta * feature matching;
+    the hard term is the teachers' loss (CE + Dice + focal with the scan's class weights).
+    """
+    from .distill import DistillationLoss, DistillationStudent, Distiller
+    from .ensemble import Ensemble
+    from .files import read_json
+    from .pipeline import require
+
+    members = read_json(require(ctx, "ensemble.json"))["members"]
+    teachers = load_teachers(ctx)
+    ensemble = Ensemble([teachers["segformer"], teachers["deeplab"]],
+                        [members["segformer"]["weight"], members["deeplab"]["weight"]])
+    student = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
+    model = DistillationStudent(student, ensemble, layers=(-2, -1) if beta > 0 else ())
+    distiller = Distiller(ensemble, DistillationLoss(alpha=alpha, temperature=temperature, beta=beta,
+                                                     hard_loss=segmentation_loss(scan)))
+    return model, distiller
+
+
+def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: float = 0.5,
+                  temperature: float = 2.0, beta: float = 0.5, progress: bool = True):
+    """Distil the ensemble into the student of `plan` on the shared engine (see `distillation_setup`).
+
+    Checkpoints go to models/student/ and reload as the plain student (`engine.load_model`).
+    """
+    model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
+    train_set, val_set = datasets(scan, ctx.profile.image_size)
+    history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
+                  sample_weights=scan["sample_weights"], step_loss=distiller.step_loss, progress=progress)
+    return model, history
+
+
+def distillation_cost(ctx, scan: dict, plan: ModelPlan, batch_size: int, **loss_settings) -> dict:
+    """Measured ms per batch of the frozen teachers vs the student's step: what caching soft labels could save."""
+    from torch.utils.data import DataLoader
+
+    from .distill import cost_split
+    from .ensemble import default_device
+
+    model, distiller = distillation_setup(ctx, scan, plan, **loss_settings)
+    train_set, _ = datasets(scan, ctx.profile.image_size)
+    images, masks = next(iter(DataLoader(train_set, batch_size=batch_size, shuffle=False)))
+    device = default_device()
+    return cost_split(distiller, model, images.to(device), masks.to(device))
