@@ -59,7 +59,9 @@ export PYDEVD_DISABLE_FILE_VALIDATION=1
 
 # --- data: the demo desert when no dataset is given -------------------------------------
 if [ -z "$DATA" ]; then
-  python -m offroadseg.synth --demo data/demo_desert
+  # Deterministic; returns at once when data/demo_desert already holds this desert.
+  python -c 'from offroadseg.synth import make_demo_desert; r = make_demo_desert("data/demo_desert")
+print("data: demo desert in data/demo_desert:", r["counts"], "(made now)" if r["generated"] else "(already there)")'
 fi
 
 if [ "$TEST" = 1 ]; then
