@@ -64,12 +64,15 @@ if [ -z "$DATA" ]; then
 print("data: demo desert in data/demo_desert:", r["counts"], "(made now)" if r["generated"] else "(already there)")'
 fi
 
+# ipykernel warns on every kernel start that its local TCP sockets are unencrypted: noise here.
+quiet_kernels() { grep -v --line-buffered "Kernel is running over TCP without encryption" >&2; }
+
 if [ "$TEST" = 1 ]; then
   # nbval options live in pyproject.toml ([tool.pytest.ini_options]).
-  exec python -m pytest --nbval tests notebooks
+  exec python -m pytest --nbval tests notebooks 2> >(quiet_kernels)
 fi
 
 args=(--profile "$PROFILE" --run "${RUN:-$PROFILE}")
 [ -n "$DATA" ] && args+=(--data "$DATA")
 [ -n "$ONLY" ] && args+=(--only "$ONLY")
-exec python -m offroadseg.runner "${args[@]}"
+exec python -m offroadseg.runner "${args[@]}" 2> >(quiet_kernels)

@@ -218,3 +218,26 @@ def test_evaluate_model_resizes_predictions_to_the_masks():
     masks = torch.full((2, 6, 8), 3)
     result = evaluate_model(HalfSize(), [(torch.zeros(2, 3, 6, 8), masks)], device="cpu")
     assert result["pixel_acc"] == 1.0 and math.isnan(result["iou"][0]) and result["iou"][3] == 1.0
+
+
+def test_choose_tta_prefers_the_set_that_scores_best():
+    from offroadseg.ensemble import choose_tta
+
+    # Truth: class 1 on the top half, class 0 below. The model has learnt "class 1 is up"
+    # (like sky): an h-flipped view agrees with it, a v-flipped view contradicts it.
+    images = torch.rand(2, 3, 8, 8)
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[:, :4] = 1
+
+    class UpIsClassOne(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.full((x.shape[0], 10, 8, 8), -5.0)
+            logits[:, 1, :4] = 4.0
+            logits[:, 0, 4:] = 4.0
+            return logits
+
+    flips, table = choose_tta(UpIsClassOne(), [(images, masks)], candidates=(("v",), ("h",)), device="cpu")
+    assert flips == ("h",)
+    scores = {tuple(row["flips"]): row["miou"] for row in table}
+    assert scores[()] == pytest.approx(1.0) and scores[("h",)] == pytest.approx(1.0)
+    assert scores[("v",)] < 0.5  # the v view cancels the plain one and the tie falls to class 0

@@ -296,3 +296,19 @@ def choose_weight(
         return (miou, -abs(row["weight"] - 0.5))
 
     return max(table, key=rank)["weight"], table
+
+
+def choose_tta(predictor: Callable, loader: Iterable, candidates=(("h",), ("h", "v")), device=None) -> tuple[tuple, list[dict]]:
+    """The TTA flip set that scores best on `loader`, and every candidate's scores.
+
+    Chosen on validation data like the member weight: a vertical flip puts the sky
+    at the bottom, which models trained with horizontal flips only may never have
+    seen, so whether it helps is measured rather than assumed. "none" (no TTA) is
+    always scored as the baseline; ties go to the cheaper set.
+    """
+    table = [{"flips": [], "miou": evaluate_model(predictor, loader, device)["miou"]}]
+    for flips in candidates:
+        tta = TestTimeAugmentation(predictor, flips=tuple(flips))
+        table.append({"flips": list(flips), "miou": evaluate_model(tta, loader, device)["miou"]})
+    best = max(table[1:], key=lambda row: (row["miou"], -len(row["flips"])))
+    return tuple(best["flips"]), table

@@ -55,7 +55,7 @@ DEMO = Profile(
     deeplab=ModelPlan("deeplabv3plus-resnet18", {"output_stride": 32, "aspp_channels": 128, "decoder_channels": 128},
                       epochs=4, batch_size=8, lr=1e-3),
     student=ModelPlan("deeplabv3plus-resnet18", {"output_stride": 32, "aspp_channels": 64, "decoder_channels": 64},
-                      epochs=4, batch_size=8, lr=1e-3),
+                      epochs=5, batch_size=8, lr=1e-3),
     patience=0,
     workers=0,
 )
