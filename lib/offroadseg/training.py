@@ -110,6 +110,22 @@ def load_teachers(ctx) -> dict:
     return {role: load_model(require(ctx, f"models/{role}/best.pt")) for role in ("segformer", "deeplab")}
 
 
+def initial_student(ctx, plan: ModelPlan):
+    """The student before distillation: a copy of the teacher `plan.init_from` names (same architecture
+    required), else `plan`'s model from its pretrained weights or from scratch."""
+    if plan.init_from is None:
+        return build_model(plan.name, pretrained=plan.pretrained, **plan.options)
+    from .engine import load_model
+    from .pipeline import require
+
+    teacher = load_model(require(ctx, f"models/{plan.init_from}/best.pt"))
+    wanted = build_model(plan.name, **plan.options).spec
+    if teacher.spec != wanted:
+        raise ValueError(f"init_from={plan.init_from!r}: that teacher is {teacher.spec}, the student plan is {wanted}; "
+                         "initialising needs the same architecture (or set init_from=None)")
+    return teacher.train()
+
+
 def distillation_setup(ctx, scan: dict, plan: ModelPlan, alpha: float = 0.5, temperature: float = 2.0,
                        beta: float = 0.5):
     """(trainable DistillationStudent, Distiller) for the run's ensemble (weights from ensemble.json).
@@ -126,7 +142,7 @@ def distillation_setup(ctx, scan: dict, plan: ModelPlan, alpha: float = 0.5, tem
     teachers = load_teachers(ctx)
     ensemble = Ensemble([teachers["segformer"], teachers["deeplab"]],
                         [members["segformer"]["weight"], members["deeplab"]["weight"]])
-    student = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
+    student = initial_student(ctx, plan)
     model = DistillationStudent(student, ensemble, layers=(-2, -1) if beta > 0 else ())
     distiller = Distiller(ensemble, DistillationLoss(alpha=alpha, temperature=temperature, beta=beta,
                                                      hard_loss=segmentation_loss(scan)))
