@@ -14,7 +14,7 @@ from torch import nn
 from helpers import split_dir, stripes_mask
 from offroadseg import plots
 from offroadseg.augment import eval_transform
-from offroadseg.classes import CLASS_NAMES, RAW_IDS
+from offroadseg.classes import CLASS_NAMES
 from offroadseg.data import SegmentationDataset
 from offroadseg.uncertainty import (
     pixel_entropy,

@@ -273,7 +273,7 @@ def _ground_shadow(sc: _Scene, x: float, y: float, half_width: float, height: fl
 
 def _draw_background(sc: _Scene) -> np.ndarray:
     """Sky, hills and rippled sand over the whole frame; returns the land-top row per column."""
-    rng, W, H, u = sc.rng, sc.width, sc.height, sc.u
+    rng, W, H = sc.rng, sc.width, sc.height
     dom = sc.dom
     xs = np.arange(W, dtype=np.float32)
     horizon = sc.horizon + sc.slope * (xs - W / 2)
