@@ -15,14 +15,8 @@ from offroadseg.models import build_model
 H, W = 32, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: threads gain nothing, and on busy shared cores torch's OpenMP
-    # threads wait on each other, which made this file 20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one torch thread (the shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_teachers() -> Ensemble:

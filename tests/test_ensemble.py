@@ -13,14 +13,8 @@ from offroadseg.classes import CLASS_NAMES
 from offroadseg.ensemble import Ensemble, TestTimeAugmentation, choose_weight, evaluate_model, tta_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: threads gain nothing, and on busy shared cores torch's OpenMP
-    # threads wait on each other, which made this file 20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one torch thread (the shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_model(kernel_size: int = 1, seed: int = 0) -> nn.Module:

@@ -15,14 +15,8 @@ from offroadseg.models import build_model
 SIZE = (64, 96)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a busy 2-core machine torch's second thread mostly waits for the first (a training step
-    # went from 0.1 s to 6 s); one thread keeps these tests fast wherever they run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one torch thread (the shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, seed: int = 0):
