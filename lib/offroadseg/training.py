@@ -42,7 +42,7 @@ def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True)
     cache = (round(height * TRAIN_CACHE_SCALE), round(width * TRAIN_CACHE_SCALE)) if augmentation else image_size
     train_tf = augment.train_transform(size=image_size) if augmentation else augment.eval_transform(image_size)
     train = SegmentationDataset(usable_pairs(scan, "train"), train_tf, cache_size=cache)
-    val = SegmentationDataset(usable_pairs(scan, "val"), augment.eval_transform(image_size), cache_size=image_size)
+    val = val_dataset(scan, image_size)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"the scan holds {len(train)} usable train and {len(val)} usable val pairs: "
                          "training needs both (see the problems table of notebook 01)")
