@@ -299,8 +299,80 @@ def test_corrupt_last_checkpoint_is_a_clear_error(tmp_path):
     fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
     last = out / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=f"{last}.*corrupt or truncated"):
+    # After one epoch there is no previous.pt to fall back to: an error, not a silent fresh start.
+    with pytest.raises(CheckpointError, match=f"(?s)no intact checkpoint.*{last} is damaged.*truncated or corrupt"):
         fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False)
+
+
+def flip_byte(path: Path) -> None:
+    """Flip one byte in the middle of the archive's largest tensor: a silent disk or copy fault."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    # Local file header: 30 fixed bytes, then the name and the extra field (lengths at bytes 26-29).
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26: member.header_offset + 30])
+    start = member.header_offset + 30 + name_len + extra_len
+    data[start + member.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_is_detected_not_loaded(tmp_path):
+    # torch.load alone would read this file and hand back silently wrong weights.
+    train, val = data()
+    out = tmp_path / "run"
+    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
+    flip_byte(out / "best.pt")
+    with pytest.raises(CheckpointError, match="best.pt is damaged.*CRC32"):
+        load_checkpoint(out / "best.pt")
+    with pytest.raises(CheckpointError, match="best.pt is damaged"):
+        load_model(out / "best.pt")
+
+
+def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path):
+    train, val = data()
+    config = fast_config(epochs=3)
+    straight = fit(fresh_model(), train, val, config, tmp_path / "straight", step_loss=counting_step_loss(),
+                   progress=False)
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # stopped in epoch 3, so the files hold epochs 1 and 2
+        fit(fresh_model(), train, val, config, out, step_loss=counting_step_loss(crash_at=2 * len(train) // 8 + 1),
+            progress=False)
+    assert load_checkpoint(out / "previous.pt")["epoch"] == 1
+    flip_byte(out / "last.pt")
+    with pytest.warns(RuntimeWarning, match=r"last.pt is damaged.*\n.*Resuming from .*previous.pt \(epoch 1\)"):
+        resumed = fit(fresh_model(), train, val, config, out, step_loss=counting_step_loss(), progress=False)
+    # Epoch 2 is trained again from epoch 1's state: the run ends as if nothing had happened.
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert_same_history(resumed, straight)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+    assert load_checkpoint(out / "previous.pt")["epoch"] == 2
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_old_one(tmp_path, monkeypatch):
+    train, val = data()
+    out = tmp_path / "run"
+    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
+    before = (out / "last.pt").read_bytes()
+
+    def save_half_then_die(state, handle):
+        handle.write(before[: len(before) // 2])
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(engine.torch, "save", save_half_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False)
+    monkeypatch.undo()
+    # The rotation moved the intact epoch-1 file to previous.pt; the cut write never became last.pt.
+    intact = [p for p in (out / "last.pt", out / "previous.pt") if p.exists()]
+    assert intact and all(load_checkpoint(p)["epoch"] == 1 for p in intact)
+    assert (out / "best.pt").read_bytes() == before or load_checkpoint(out / "best.pt")["epoch"] == 1
+    assert not list(out.glob(".*.tmp"))
+    history = fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2]
 
 
 # ---------------------------------------------------------------------------- robustness
@@ -319,6 +391,58 @@ def test_non_finite_loss_step_is_skipped(tmp_path):
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["skipped_steps"] == 1
     assert last["optimizer"]["state"][0]["step"] == 2 * len(train) // 8 - 1
+
+
+def nan_step_loss(bad_calls):
+    """Cross-entropy, NaN on the calls whose number is in `bad_calls` (a set or a predicate)."""
+    calls = {"n": 0}
+
+    def step_loss(model, images, masks):
+        calls["n"] += 1
+        loss = cross_entropy(model(images), masks)
+        bad = bad_calls(calls["n"]) if callable(bad_calls) else calls["n"] in bad_calls
+        return loss * math.nan if bad else loss
+
+    step_loss.calls = calls
+    return step_loss
+
+
+def test_non_finite_losses_in_a_row_stop_training_with_advice(tmp_path):
+    train, val = data()
+    step_loss = nan_step_loss(lambda n: n >= 3)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        with pytest.raises(engine.TrainingDiverged,
+                           match=r"4 steps in a row \(up to epoch 2 step 2\).*lr=0\.02.*'fp32' or 'bf16'.*"
+                                 r"last.pt holds the last finished epoch"):
+            fit(fresh_model(), train, val, fast_config(epochs=2, max_bad_steps=4), tmp_path / "run",
+                step_loss=step_loss, progress=False)
+    # 4 steps per epoch: the bad run spans the epoch boundary, and training stops at once, mid-epoch.
+    assert step_loss.calls["n"] == 6
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+    # Scattered bad steps never add up to a stop: the count is of bad steps in a row.
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        history = fit(fresh_model(), train, val, fast_config(epochs=2, max_bad_steps=2), tmp_path / "scattered",
+                      step_loss=nan_step_loss(lambda n: n % 2 == 0), progress=False)
+    assert sum(row["skipped_steps"] for row in history) == 4
+
+
+def test_out_of_memory_says_what_to_change(tmp_path):
+    train, val = data()
+
+    def step_loss(model, images, masks):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError,
+                       match=r"epoch 1 step 1 with batch_size 8 of \(16, 16\) images.*smaller batch_size \(e\.g\. 4\)"
+                             r".*image_size.*Tried to allocate"):
+        fit(fresh_model(), train, val, fast_config(epochs=1), tmp_path / "run", step_loss=step_loss, progress=False)
+
+    def cpu_step_loss(model, images, masks):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    with pytest.raises(torch.OutOfMemoryError, match="smaller batch_size"):
+        fit(fresh_model(), train, val, fast_config(epochs=1), tmp_path / "run", step_loss=cpu_step_loss, progress=False)
 
 
 def test_early_stopping_on_a_plateau(tmp_path, capsys):

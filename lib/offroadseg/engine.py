@@ -7,10 +7,19 @@ visible train loop on Accelerate, a validation pass, early stopping and checkpoi
 Run folder (outputs/<run>/models/<name>/ = `out_dir`):
     best.pt       the checkpoint of the epoch with the best val mIoU
     last.pt       the checkpoint of the latest finished epoch (resume point)
+    previous.pt   the one before it: the fallback when last.pt is found damaged
     history.json  one dict per finished epoch (see `fit`)
 A checkpoint is a dict: model (CPU state_dict, decoder pruning folded in), spec, optimizer,
 scheduler, scaler, epoch, best_miou, best_epoch, skipped_steps, history, rng, config, setup.
 It holds only plain types and tensors, so it loads with torch.load(weights_only=True).
+Every file is replaced atomically, and every read checks the CRC32 of each of the archive's
+members first (torch.load itself reads flipped bytes without complaint), so a damaged file
+is reported as such, never loaded as if it were fine.
+
+Faults: a non-finite loss or gradient skips the step with a warning; `max_bad_steps` of them
+in a row stop training (`TrainingDiverged`) with advice. Running out of memory stops it with a
+message suggesting a smaller batch or input size. Either way last.pt holds the last finished
+epoch.
 
 Multi-GPU: run `fit` under `accelerate launch` / torchrun, or from a notebook through
 `launch(fn, args)`. `batch_size` is per process, so the global batch is batch_size x
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 import random
 import time
 import warnings
@@ -67,15 +77,20 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # DataLoader worker processes
     prune_decoder: float = 0.0  # fraction of decoder conv/linear weights L1-pruned; 0 = off
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop training (TrainingDiverged)
 
 
 # Settings a resumed run may change; all others (and the model spec, number of processes
 # and train-set size) must match last.pt, or resuming would silently train a different run.
-RESUMABLE_CHANGES = ("epochs", "patience", "num_workers")
+RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "max_bad_steps")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read (corrupt or truncated)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row: the run has diverged and more steps would not help."""
 
 
 def cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -224,11 +239,35 @@ def warmup_cosine(warmup_steps: float, total_steps: float, min_lr_ratio: float) 
 # ------------------------------------------------------------------------- checkpoints
 
 
+def verify_checkpoint(path) -> None:
+    """Raise CheckpointError unless `path` is a complete torch archive whose members all match their CRC32.
+
+    torch.load does not check the CRCs its zip writer stores, so a flipped byte inside a
+    tensor would load as silently wrong weights; zipfile's testzip reads every member and
+    compares (about 3 GB/s, so cheap next to the load itself).
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as err:  # BadZipFile for truncated files, and odd errors from mangled headers
+        raise CheckpointError(
+            f"{path} is damaged: not a complete checkpoint archive ({type(err).__name__}: {err}); the file is "
+            f"truncated or corrupt (a write cut short, a copy cut short, a disk fault)"
+        ) from err
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: its member {damaged} fails its CRC32 check (corrupt bytes)")
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by `fit`; a clear error if it is missing or unreadable."""
+    """Read a checkpoint written by `fit`, after `verify_checkpoint`; a clear error if it is missing or damaged."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there; train that model first")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Delete it to train that model afresh, or restore a good copy.") from err
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
@@ -265,6 +304,45 @@ def load_model(path, map_location="cpu") -> nn.Module:
         state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     model.load_state_dict(state)
     return model.to(map_location).eval()
+
+
+def save_checkpoint(state: dict, path: Path, keep_previous: bool = False) -> None:
+    """Write `state` to `path` atomically; with `keep_previous`, an intact old `path` becomes previous.pt first."""
+    if keep_previous and path.exists():
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            pass  # never let a damaged file replace a good fallback
+        else:
+            os.replace(path, path.with_name("previous.pt"))
+    with atomic_open(path, "wb") as handle:
+        torch.save(state, handle)
+
+
+def load_resume_checkpoint(out_dir: Path) -> tuple[dict | None, Path | None]:
+    """The newest intact resume checkpoint of `out_dir` (last.pt, else previous.pt) and its path.
+
+    A damaged last.pt is reported with a warning and previous.pt (one epoch older) used
+    instead; (None, None) when there is nothing to resume. If every file is damaged, a
+    CheckpointError says so rather than silently starting afresh over them.
+    """
+    candidates = [out_dir / "last.pt", out_dir / "previous.pt"]
+    damaged = []
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            warnings.warn(f"{damaged[0]}\nResuming from {path} (epoch {checkpoint['epoch']}) instead; the "
+                          f"epochs after it are trained again.", RuntimeWarning, stacklevel=3)
+        return checkpoint, path
+    if damaged:
+        raise CheckpointError("no intact checkpoint to resume from:\n" + "\n".join(damaged))
+    return None, None
 
 
 def _rng_state() -> dict:
@@ -373,10 +451,9 @@ def fit(
 
     # Resume: weights go in before pruning, so pruning the loaded zeros finds the same mask.
     remove_pruning(model)  # in case an interrupted fit left this model object pruned
-    checkpoint = None
-    if last_path.exists():
-        checkpoint = load_checkpoint(last_path)
-        check_resumable(checkpoint, config, setup, last_path)
+    checkpoint, resume_path = load_resume_checkpoint(out_dir)
+    if checkpoint is not None:
+        check_resumable(checkpoint, config, setup, resume_path)
         model.load_state_dict(checkpoint["model"])
     if config.prune_decoder > 0:
         # Before the optimizer is built: pruning turns `weight` into `weight_orig`.
@@ -412,6 +489,7 @@ def fit(
 
     history: list[dict] = []
     best_miou, best_epoch, skipped_steps, start_epoch = -math.inf, 0, 0, 1
+    bad_in_a_row = 0  # non-finite steps since the last good one (TrainingDiverged at max_bad_steps)
     if checkpoint is not None:
         restore_training_state(checkpoint, optimizer, scheduler, accelerator.scaler, lr_multiplier)
         history = list(checkpoint["history"])
@@ -419,9 +497,9 @@ def fit(
         skipped_steps, start_epoch = checkpoint["skipped_steps"], checkpoint["epoch"] + 1
         del checkpoint  # its tensors are loaded; free the memory
         if start_epoch > config.epochs:
-            say(f"{last_path} has finished {start_epoch - 1} epochs (of {config.epochs} asked); nothing to train")
+            say(f"{resume_path} has finished {start_epoch - 1} epochs (of {config.epochs} asked); nothing to train")
         else:
-            say(f"resuming {last_path} at epoch {start_epoch}/{config.epochs}")
+            say(f"resuming {resume_path} at epoch {start_epoch}/{config.epochs}")
 
     for epoch in range(start_epoch, config.epochs + 1):
         if config.patience and epoch - 1 - best_epoch >= config.patience:
@@ -439,39 +517,40 @@ def fit(
                    disable=not (progress and accelerator.is_main_process))
         for step, (images, masks) in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
-            with accelerator.autocast():
-                if step_loss is not None:
-                    loss = step_loss(model, images, masks)
-                else:
-                    loss = loss_fn(model(images), masks)
-            loss_sum[2] += len(images)
+            with out_of_memory_advice(config, images, epoch, step, out_dir):
+                with accelerator.autocast():
+                    if step_loss is not None:
+                        loss = step_loss(model, images, masks)
+                    else:
+                        loss = loss_fn(model(images), masks)
+                loss_sum[2] += len(images)
 
-            # Skip the whole step on a non-finite loss; under DDP every process must agree,
-            # or the others would wait forever in the gradient all-reduce.
-            finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-            if accelerator.num_processes > 1:
-                finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-            if finite.item() < 1:
+                # Skip the whole step on a non-finite loss; under DDP every process must agree,
+                # or the others would wait forever in the gradient all-reduce.
+                finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+                if accelerator.num_processes > 1:
+                    finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+                bad = "loss" if finite.item() < 1 else None
+                if bad is None:
+                    accelerator.backward(loss)
+                    if config.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                        # With fp16 the grad scaler skips overflowing steps itself; otherwise a
+                        # non-finite norm (identical on all processes after the all-reduce) means skip.
+                        if accelerator.scaler is None and not torch.isfinite(grad_norm):
+                            bad = "gradients"
+                            optimizer.zero_grad(set_to_none=True)
+            if bad is not None:
                 epoch_skipped += 1
                 skipped_steps += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= config.max_bad_steps:
+                    raise TrainingDiverged(diverged_message(config, bad, bad_in_a_row, epoch, step, out_dir))
                 if accelerator.is_main_process:
-                    warnings.warn(f"epoch {epoch} step {step + 1}: non-finite loss, step skipped "
+                    warnings.warn(f"epoch {epoch} step {step + 1}: non-finite {bad}, step skipped "
                                   f"({skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
                 continue
-
-            accelerator.backward(loss)
-            if config.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                # With fp16 the grad scaler skips overflowing steps itself; otherwise a
-                # non-finite norm (identical on all processes after the all-reduce) means skip.
-                if accelerator.scaler is None and not torch.isfinite(grad_norm):
-                    epoch_skipped += 1
-                    skipped_steps += 1
-                    if accelerator.is_main_process:
-                        warnings.warn(f"epoch {epoch} step {step + 1}: non-finite gradients, step skipped "
-                                      f"({skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
+            bad_in_a_row = 0
             optimizer.step()
             scheduler.step()
 
@@ -492,7 +571,8 @@ def fit(
                 torch.distributed.broadcast(buffer, src=0)
 
         # ---- validate
-        val = evaluate(unwrapped, val_loader, loss_fn, accelerator)
+        with out_of_memory_advice(config, None, epoch, None, out_dir):
+            val = evaluate(unwrapped, val_loader, loss_fn, accelerator)
         improved = not math.isnan(val["miou"]) and val["miou"] > best_miou
         if improved:
             best_miou, best_epoch = val["miou"], epoch
@@ -528,10 +608,8 @@ def fit(
                 "setup": setup,
             }
             if improved:
-                with atomic_open(out_dir / "best.pt", "wb") as handle:
-                    torch.save(state, handle)
-            with atomic_open(last_path, "wb") as handle:
-                torch.save(state, handle)
+                save_checkpoint(state, out_dir / "best.pt")
+            save_checkpoint(state, last_path, keep_previous=True)
             write_json(out_dir / "history.json", history)
             del state
 
@@ -547,6 +625,47 @@ def fit(
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     accelerator.free_memory()
     return history
+
+
+def _last_epoch_note(out_dir: Path) -> str:
+    last = out_dir / "last.pt"
+    if not last.exists():
+        return "no epoch had finished, so nothing was saved"
+    return f"{last} holds the last finished epoch; once fixed, the same call resumes from it"
+
+
+def diverged_message(config: TrainConfig, bad: str, count: int, epoch: int, step: int, out_dir: Path) -> str:
+    return (
+        f"training diverged: {count} steps in a row (up to epoch {epoch} step {step + 1}) had a non-finite {bad}. "
+        f"Lower the learning rate (lr={config.lr:g} now; resuming keeps it, so train afresh with a new run name "
+        f"or after deleting {out_dir}), use precision 'fp32' or 'bf16' rather than 'fp16' "
+        f"(precision={config.precision!r} now), and check the data for NaN pixels or masks that are all ignore. "
+        f"{_last_epoch_note(out_dir)}."
+    )
+
+
+class out_of_memory_advice:
+    """Context manager: re-raise running out of memory (GPU, or CPU allocation) with what to change."""
+
+    def __init__(self, config: TrainConfig, images, epoch: int, step: int | None, out_dir: Path):
+        self.config, self.images, self.epoch, self.step, self.out_dir = config, images, epoch, step, out_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        cpu_alloc = isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+        if not (isinstance(err, torch.OutOfMemoryError) or cpu_alloc):
+            return False
+        where = "validation" if self.step is None else f"step {self.step + 1}"
+        size = "" if self.images is None else f" of {tuple(self.images.shape[-2:])} images"
+        raise torch.OutOfMemoryError(
+            f"out of memory in epoch {self.epoch} {where} with batch_size {self.config.batch_size}{size} "
+            f"(precision {self.config.precision!r}). Use a smaller batch_size (e.g. {max(1, self.config.batch_size // 2)}) "
+            f"or a smaller image_size in the profile, or precision 'bf16'; close other programs using the "
+            f"device. A new batch size is a new run (new run name, or delete {self.out_dir}). "
+            f"{_last_epoch_note(self.out_dir)}. Original error: {str(err).splitlines()[0][:300]}"
+        ) from err
 
 
 @torch.inference_mode()
