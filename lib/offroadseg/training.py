@@ -63,6 +63,8 @@ def segmentation_loss(scan: dict) -> SegmentationLoss:
 def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConfig, progress: bool = True):
     """Build the model of `plan`, train it on the run's data, checkpoint into models/<role>/. Returns (model, history)."""
     train_set, val_set = datasets(scan, ctx.profile.image_size)
+    # Seeded here, not only in fit: the initial weights come from the global RNG as the model is built.
+    torch.manual_seed(config.seed)
     model = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir(role), loss_fn=segmentation_loss(scan),
                   sample_weights=scan["sample_weights"], progress=progress)
@@ -155,6 +157,7 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
 
     Checkpoints go to models/student/ and reload as the plain student (`engine.load_model`).
     """
+    torch.manual_seed(config.seed)  # the feature projections (and a student from scratch) start from the global RNG
     model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
     train_set, val_set = datasets(scan, ctx.profile.image_size)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
