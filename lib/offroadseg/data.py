@@ -11,6 +11,7 @@ Images and masks pair by file stem.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,38 @@ def _pair_split(folder: Path) -> tuple[list[Pair], list[tuple[Path, str]]]:
     return pairs, problems
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def truncation(path: Path) -> str | None:
+    """'truncated PNG/JPEG (...)' when the file starts as one but lacks its end marker, else None.
+
+    A cut-off download keeps its header but loses the end (PNG's IEND chunk, JPEG's EOI);
+    checking costs two small reads, no decoding.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            handle.seek(max(0, path.stat().st_size - 12))
+            tail = handle.read()
+    except OSError:
+        return None  # unreadable: the caller's own reason stands
+    if head.startswith(_PNG_SIGNATURE) and not tail.endswith(_PNG_END):
+        return "truncated PNG (no IEND chunk at the end)"
+    if head.startswith(b"\xff\xd8") and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end marker)"
+    return None
+
+
+def too_large(err: Exception) -> str:
+    """Plain words for PIL's DecompressionBombError (a header claiming an absurd size)."""
+    numbers = re.findall(r"\d+", str(err))
+    claimed = f"{int(numbers[0]):,} pixels, over Pillow's limit of {int(numbers[1]):,}" if len(numbers) >= 2 else str(err)
+    return (f"image too large ({claimed}: a corrupt header or a decompression bomb; "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the image is real)")
+
+
 def _open_png(path: Path) -> Image.Image:
     """Open and fully decode an image file, turning every failure into a DataError naming it."""
     try:
@@ -165,10 +198,15 @@ def _open_png(path: Path) -> Image.Image:
         raise
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as err:  # not an OSError: would escape as a PIL traceback
+        raise DataError(f"{path}: {too_large(err)}") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file (unrecognised format)") from None
+        # A PNG cut inside its header is unidentifiable too: say truncated where it is.
+        raise DataError(f"{path}: {truncation(path) or 'not an image file (unrecognised format)'}") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: unreadable or truncated image ({err})") from None
+        raise DataError(f"{path}: {truncation(path) or f'corrupt image data ({err})'}") from None
+    except Exception as err:  # noqa: BLE001 - a decoder's internal error on a malformed file (struct.error, ...)
+        raise DataError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -184,9 +222,15 @@ def read_raw_mask(path: str | os.PathLike) -> np.ndarray:
 
     An RGB(A) or two-channel mask is a DataError: colour-coded masks are a
     different format and guessing a mapping would give silently wrong labels.
+    So is a JPEG mask, even a greyscale one: lossy compression alters the IDs.
     """
     path = Path(path)
     img = _open_png(path)
+    if img.format == "JPEG":
+        # A greyscale JPEG is single-channel, but lossy: the class IDs blur at every region edge.
+        what = "named .png but is JPEG" if path.suffix.lower() == ".png" else "mask is a JPEG"
+        raise DataError(f"{path}: {what}; lossy compression changes class IDs, "
+                        "expected a single-channel PNG of raw class IDs")
     if img.mode in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
         raw = np.asarray(img)
         if img.mode == "1":
@@ -251,6 +295,23 @@ def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int
     return image, mask
 
 
+def decode_pair(image_path, mask_path, size: tuple[int, int] | None):
+    """One pair decoded and resized to `size` (height, width; None keeps it): (image uint8 HxWx3, mask uint8 HxW).
+
+    A pair without a mask gets an all-ignore mask; a mask whose size differs from
+    its image's is a DataError (resizing one to the other would misplace labels).
+    """
+    image = read_image(image_path)
+    if mask_path is None:
+        mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+    else:
+        mask = read_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                            f"{image.shape[1]}x{image.shape[0]} (the scan skips such pairs; rerun notebook 01)")
+    return resize_pair(image, mask, size)
+
+
 class SegmentationDataset:
     """A torch-style dataset over (image, mask) pairs, decoding each file once.
 
@@ -258,32 +319,38 @@ class SegmentationDataset:
     kept in memory as uint8, so later epochs skip PNG decoding; `transform(image,
     mask)` (augmentation or plain normalisation) runs on every access. Pairs without
     a mask yield an all-ignore mask.
+
+    With `cache_dir` the pairs are instead decoded up front into a memory-mapped
+    `decode_cache.DecodeCache` in that folder (reused across runs, rebuilt when a
+    file changes): DataLoader workers share it through the OS page cache instead
+    of each filling a private dict. `load` then returns read-only views.
     """
 
-    def __init__(self, pairs, transform=None, cache_size: tuple[int, int] | None = None, cache: bool = True):
+    def __init__(self, pairs, transform=None, cache_size: tuple[int, int] | None = None, cache: bool = True,
+                 cache_dir: str | os.PathLike | None = None):
         self.pairs = [(Path(image), None if mask is None else Path(mask)) for image, mask in pairs]
         self.transform = transform
         self.cache_size = cache_size
         self.cache = cache
         self._cached: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.store = None
+        if cache_dir is not None:
+            if cache_size is None:
+                raise ValueError("cache_dir needs a cache_size: one memory-mapped array holds images of one size")
+            from .decode_cache import DecodeCache
+
+            self.store = DecodeCache.build_or_open(self.pairs, cache_size, cache_dir)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The (image uint8 HxWx3, mask uint8 HxW) pair at `cache_size`, from the cache when present."""
+        if self.store is not None:
+            return self.store.load(index)
         if index in self._cached:
             return self._cached[index]
-        image_path, mask_path = self.pairs[index]
-        image = read_image(image_path)
-        if mask_path is None:
-            mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-        else:
-            mask = read_mask(mask_path)
-            if mask.shape != image.shape[:2]:
-                raise DataError(f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image "
-                                f"{image.shape[1]}x{image.shape[0]} (the scan skips such pairs; rerun notebook 01)")
-        pair = resize_pair(image, mask, self.cache_size)
+        pair = decode_pair(*self.pairs[index], self.cache_size)
         if self.cache:
             self._cached[index] = pair
         return pair

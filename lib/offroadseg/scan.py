@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .classes import CLASS_NAMES, COLORS, NUM_CLASSES, RAW_IDS
-from .data import SPLITS, DataError, Dataset, find_dataset, read_raw_mask
+from .data import SPLITS, DataError, Dataset, find_dataset, read_raw_mask, too_large, truncation
 from .files import read_json, write_json
 
 SCAN_VERSION = 1
@@ -41,7 +41,6 @@ MIN_PRESENCE_PIXELS = 16
 SAMPLE_WEIGHT_CAP = 10.0
 PRESENCE_REFERENCE = 0.5
 _RAW_ID_TO_INDEX = {raw: i for i, raw in enumerate(RAW_IDS)}
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 def _check_image_file(path: Path) -> tuple[tuple[int, int] | None, str | None]:
@@ -59,17 +58,17 @@ def _check_image_file(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     try:
         with Image.open(path) as img:
             fmt, size = img.format, img.size
+    except Image.DecompressionBombError as err:  # not an OSError: it would crash the worker pool
+        return None, too_large(err)
     except UnidentifiedImageError:
-        return None, "not an image file (unrecognised format)"
+        return None, truncation(path) or "not an image file (unrecognised format)"
     except (OSError, SyntaxError, ValueError) as err:
-        return None, f"unreadable image header ({err})"
-    with open(path, "rb") as handle:
-        handle.seek(max(0, size_bytes - 12))
-        tail = handle.read()
-    if fmt == "PNG" and not tail.endswith(_PNG_END):
-        return None, "truncated PNG (no IEND chunk at the end)"
-    if fmt == "JPEG" and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return None, "truncated JPEG (no end marker)"
+        return None, truncation(path) or f"unreadable image header ({err})"
+    except Exception as err:  # noqa: BLE001 - a decoder's internal error on a malformed file: a problem, not a crash
+        return None, f"unreadable image ({type(err).__name__}: {err})"
+    problem = truncation(path)
+    if problem:
+        return None, problem
     if path.suffix.lower() == ".png" and fmt != "PNG":
         return None, f"named .png but is {fmt}"
     return size, None
@@ -88,7 +87,9 @@ def scan_pair(image_path: str, mask_path: str | None) -> dict:
         try:
             raw = read_raw_mask(mask_path)
         except DataError as err:
-            problems.append((str(mask_path), str(err).split(": ", 1)[-1]))
+            # The message starts with the path (which may itself hold ": "); the record keeps the reason.
+            message, prefix = str(err), f"{Path(mask_path)}: "
+            problems.append((str(mask_path), message.removeprefix(prefix)))
             raw = None
         if raw is not None:
             mask_size = (raw.shape[1], raw.shape[0])
