@@ -576,3 +576,12 @@ def test_launch_calls_the_function_in_process_on_one_device():
     assert launch(lambda a, b: a + b, (2, 3), num_processes=1) == 5
     if torch.cuda.device_count() < 2:
         assert launch(lambda: "here") == "here"
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    train, val = data()
+    out = tmp_path / "run"
+    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False, data_id="scan-a")
+    with pytest.raises(ValueError, match="data: 'scan-a' in the checkpoint, 'scan-b' now"):
+        fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False, data_id="scan-b")
+    assert len(fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False, data_id="scan-a")) == 2

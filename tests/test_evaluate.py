@@ -63,3 +63,13 @@ def test_metrics_rows_and_json(tmp_path):
     table = evaluate.comparison_table([row])
     assert "student" in table and "0.500" in table
     assert math.isclose(row["miou"], 0.5)
+
+
+def test_write_predictions_removes_an_earlier_runs_stale_files(tmp_path):
+    image_path, _ = write_pair(tmp_path / "data", "test", "t0", np.full((40, 64), 10000, np.uint16))
+    for sub in ("raw", "color"):
+        (tmp_path / "pred" / sub).mkdir(parents=True)
+        (tmp_path / "pred" / sub / "gone.png").write_bytes(b"from an earlier run")
+    evaluate.write_predictions(_Fixed(), [(image_path, None)], tmp_path / "pred", eval_transform((20, 32)),
+                               progress=False)
+    assert sorted(p.name for p in (tmp_path / "pred").rglob("*.png")) == ["t0.png", "t0.png"]

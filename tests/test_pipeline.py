@@ -61,3 +61,36 @@ def test_datasets_from_scan(project):
     scan["splits"]["val"]["images"] = []
     with pytest.raises(ValueError, match="0 usable val"):
         training.datasets(scan, (8, 16))
+
+
+# ------------------------------------------------------------------ stage mistakes (issue 6)
+
+
+def test_a_run_made_with_another_profile_or_data_is_refused(project):
+    other = make_small_dataset(project / "other", 2, 1, 1)
+    pipeline.start("01_data_scan", run="r", profile="demo", data=project / "data")
+    with pytest.raises(pipeline.RunMismatch, match=r"run 'r' .* was made with profile 'demo' \(now 'full'\).*run.json"
+                                                   r".*new run name"):
+        pipeline.start("06_evaluate", run="r", profile="full", data=project / "data")
+    with pytest.raises(pipeline.RunMismatch, match=f"data {project / 'data'} \\(now {other}\\)"):
+        pipeline.start("06_evaluate", run="r", profile="demo", data=other)
+    # Refused before anything was written: run.json still describes the run as it was.
+    manifest = pipeline.run_dir("r").read_manifest()
+    assert manifest["profile"] == "demo" and manifest["data_root"] == str(project / "data")
+    assert set(manifest["steps"]) == {"01_data_scan"}
+    # The same settings continue the run.
+    assert pipeline.start("06_evaluate", run="r", profile="demo", data=project / "data").run.name == "r"
+
+
+def test_data_changed_after_the_scan_is_refused_once_models_exist(project):
+    from offroadseg.scan import load_or_scan
+
+    ctx = pipeline.start("01_data_scan", run="r", profile="demo", data=project / "data")
+    load_or_scan(ctx.data_root, ctx.run.scan, workers=1, progress=False)
+    make_small_dataset(project / "data", 6, 2, 1)  # two more train pairs
+    # Nothing trained yet: notebook 01 may simply rescan.
+    pipeline.start("01_data_scan", run="r", profile="demo", data=project / "data")
+    (ctx.run.dir / "models" / "segformer").mkdir(parents=True)
+    for step in ("01_data_scan", "04_ensemble", "06_evaluate"):
+        with pytest.raises(pipeline.RunMismatch, match="changed .* since notebook 01 scanned it .*models were trained"):
+            pipeline.start(step, run="r", profile="demo", data=project / "data")

@@ -61,3 +61,36 @@ def test_read_json_names_a_broken_file(tmp_path):
     path.write_text("{oops")
     with pytest.raises(ValueError, match="scan.json: not valid JSON"):
         read_json(path)
+
+
+def test_rerun_keeps_the_earlier_step_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
+    run = runs.run_dir("r")
+    runs.record_step(run, "02_train_segformer", {"epochs": 5}, profile="demo", data_root=None)
+    runs.record_step(run, "02_train_segformer", {}, profile="demo", data_root=None, finished=True)
+    manifest = runs.record_step(run, "02_train_segformer", {"epochs": 8}, profile="demo", data_root=None)
+    assert manifest["steps"]["02_train_segformer"]["parameters"] == {"epochs": 8}
+    earlier = manifest["earlier_steps"]
+    assert len(earlier) == 1 and earlier[0]["parameters"] == {"epochs": 5} and "finished" in earlier[0]
+
+
+def test_snapshot_keeps_old_contents_while_the_run_rewrites_its_files(tmp_path):
+    run = runs.Run(tmp_path / "r")
+    assert runs.snapshot(run) is None  # no run there yet
+    write_json(run.manifest, {"run": "r"})
+    write_json(run.dir / "metrics.json", {"miou": 0.5})
+    (run.dir / "models" / "segformer").mkdir(parents=True)
+    (run.dir / "models" / "segformer" / "best.pt").write_bytes(b"weights v1")
+    (run.dir / "models" / "segformer" / ".best.pt.x.tmp").write_bytes(b"half")
+
+    kept = runs.snapshot(run)
+    assert kept.parent == run.dir / "earlier"
+    assert (kept / "models" / "segformer" / "best.pt").stat().st_ino == (run.dir / "models" / "segformer" / "best.pt").stat().st_ino
+    assert not (kept / "models" / "segformer" / ".best.pt.x.tmp").exists()
+
+    (run.dir / "metrics.json").write_text("{\"miou\": 0.6}")  # even an in-place rewrite leaves the copy alone
+    assert read_json(kept / "metrics.json") == {"miou": 0.5}
+    assert read_json(run.dir / "metrics.json") == {"miou": 0.6}
+    second = runs.snapshot(run)
+    assert second != kept and not (second / "earlier").exists()  # snapshots never nest
+    assert read_json(second / "metrics.json") == {"miou": 0.6}

@@ -419,6 +419,7 @@ def fit(
     sample_weights: Sequence[float] | None = None,
     step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
+    data_id: str | None = None,
 ) -> list[dict]:
     """Train `model` on `train_set`, validate on `val_set` each epoch, checkpoint into `out_dir`.
 
@@ -427,7 +428,8 @@ def fit(
     masks) -> loss`, when given, replaces the training forward + loss (distillation runs its
     frozen teachers inside it; it runs under the same autocast, and `images` are already on
     the device). `sample_weights` (one per train sample) makes each epoch a weighted draw with
-    replacement of len(train_set) samples.
+    replacement of len(train_set) samples. `data_id` (the scan's data fingerprint) is saved with
+    the checkpoints, so resuming on changed data is refused rather than mixing two datasets.
 
     If out_dir/last.pt exists, training resumes after its epoch (settings must match, see
     RESUMABLE_CHANGES); a finished run returns its history without training.
@@ -447,7 +449,7 @@ def fit(
 
     spec = getattr(model, "spec", None)
     setup = {"spec": spec, "num_processes": accelerator.num_processes, "train_samples": len(train_set),
-             "weighted_sampling": sample_weights is not None}
+             "weighted_sampling": sample_weights is not None, "data": data_id}
 
     # Resume: weights go in before pruning, so pruning the loaded zeros finds the same mask.
     remove_pruning(model)  # in case an interrupted fit left this model object pruned

@@ -58,6 +58,11 @@ def write_predictions(predictor, pairs, out_dir, transform, device="cpu", progre
     from .plots import overlay
 
     out_dir = Path(out_dir)
+    # Predictions of an earlier run for images no longer in `pairs` would mix two runs in one folder.
+    stems = {Path(image_path).stem for image_path, _ in pairs}
+    for stale in [*out_dir.glob("raw/*.png"), *out_dir.glob("color/*.png")]:
+        if stale.stem not in stems:
+            stale.unlink()
     written = []
     for image_path, _ in tqdm(pairs, desc="predict", unit="img", disable=not progress):
         image = read_image(image_path)

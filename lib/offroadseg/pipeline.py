@@ -2,6 +2,10 @@
 
 Notebooks stay thin: a `parameters` cell, then `ctx = pipeline.start(...)`,
 library calls, plots, and `pipeline.finish(ctx)`.
+
+`start` also refuses stage mistakes that would silently mix two runs in one folder: a
+run made with another profile or on other data (run.json says which), or data that
+changed after notebook 01 scanned it while models trained on the old files are there.
 """
 
 from __future__ import annotations
@@ -45,12 +49,73 @@ def resolve_data_root(data: str | os.PathLike | None) -> Path:
     return root
 
 
+class RunMismatch(ValueError):
+    """A notebook asked to continue a run folder that was made with other settings or data."""
+
+
+def data_root_of(data: str | os.PathLike | None) -> Path:
+    """The dataset root `data` names (None: the demo desert), without generating anything."""
+    return Path(data).expanduser().resolve() if data else project_root() / DEMO_DATA
+
+
+def _same_data(recorded: str, data_root: Path) -> bool:
+    # The demo desert counts as the same data wherever the checkout lives (a clone, a move).
+    if Path(recorded).as_posix().endswith(DEMO_DATA) and data_root.as_posix().endswith(DEMO_DATA):
+        return True
+    return Path(recorded) == data_root
+
+
+def check_same_run(folder: Run, profile: str, data_root: Path) -> None:
+    """RunMismatch if run.json shows `folder` was made with another profile or on other data."""
+    manifest = folder.read_manifest()
+    differ = []
+    if manifest.get("profile") not in (None, profile):
+        differ.append(f"profile {manifest['profile']!r} (now {profile!r})")
+    if manifest.get("data_root") and not _same_data(manifest["data_root"], data_root):
+        differ.append(f"data {manifest['data_root']} (now {data_root})")
+    if differ:
+        raise RunMismatch(
+            f"run '{folder.name}' ({folder.dir}) was made with {' and '.join(differ)}, as its run.json records. "
+            f"Its models and results belong to those settings: use a new run name for this one "
+            f"(./run_all.sh --run NEW_NAME, or the notebook's `run` parameter), or go back to the run's own "
+            f"profile and data to continue it."
+        )
+
+
+def check_data_unchanged(folder: Run, step: str, data_root: Path) -> None:
+    """RunMismatch if the data changed since notebook 01 scanned it and this run already holds
+    results of the old data (a rescan would then mix models of the old files with the new)."""
+    if not folder.scan.exists():
+        return
+    from .data import find_dataset
+    from .files import read_json
+    from .scan import data_fingerprint
+
+    try:
+        scanned = read_json(folder.scan).get("fingerprint")
+    except ValueError:
+        return  # unreadable scan.json: notebook 01 rescans; later notebooks fail on it with its name
+    if scanned is None or scanned == data_fingerprint(find_dataset(data_root)):
+        return
+    models = folder.dir / "models"
+    if step == PRODUCERS["scan.json"] and not (models.exists() and any(models.iterdir())):
+        return  # nothing trained yet: notebook 01 simply rescans
+    raise RunMismatch(
+        f"the data under {data_root} changed (files added, removed or modified) since notebook 01 scanned it for "
+        f"run '{folder.name}', whose models were trained on the old files. Use a new run name to train on the new "
+        f"data, or delete {models} and rerun from 01 to retrain this run."
+    )
+
+
 def start(step: str, run: str, profile: str, data: str | os.PathLike | None = None, **parameters) -> Context:
-    """Resolve run folder, profile and data root, and record this notebook's start in run.json."""
+    """Resolve run folder, profile and data root, check they match the run's own, and record this
+    notebook's start in run.json."""
     run = os.environ.get(RUN_OVERRIDE_ENV) or run
     folder = run_dir(run)
     chosen = get_profile(profile)
+    check_same_run(folder, profile, data_root_of(data))
     data_root = resolve_data_root(data)
+    check_data_unchanged(folder, step, data_root)
     record_step(folder, step, {"profile": profile, "data": None if data is None else str(data), **parameters},
                 profile=profile, data_root=data_root, seed=chosen.seed)
     return Context(step=step, run=folder, profile=chosen, data_root=data_root, parameters=parameters)

@@ -4,6 +4,11 @@
 
 Executed copies go to outputs/<run>/notebooks/. A failing notebook stops the
 run: its name and the failing cell's error are printed and the exit code is 1.
+
+Running again over an existing run folder: it must have been made with the same
+profile and data (else a clear refusal, nothing touched); the folder as it was is kept
+under outputs/<run>/earlier/<time>/ (hard links: instant), then the notebooks run and
+reuse or resume what is finished, each saying so.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .runs import project_root, run_dir
+from .runs import project_root, run_dir, snapshot
 
 NOTEBOOKS = ("01_data_scan", "02_train_segformer", "03_train_deeplab", "04_ensemble", "05_distill", "06_evaluate")
 
@@ -42,6 +47,18 @@ def run_notebooks(notebooks: list[Path], run: str, profile: str, data: str | Non
 
     parameters = {}
     if out_dir is not None:
+        from .pipeline import RunMismatch, check_same_run, data_root_of
+
+        folder = run_dir(run)
+        try:
+            check_same_run(folder, profile, data_root_of(data))
+        except RunMismatch as err:
+            print(f"refused: {err}", file=sys.stderr)
+            return 1
+        kept = snapshot(folder)
+        if kept is not None:
+            print(f"run '{run}' exists: it continues (finished models are reused, unfinished ones resumed); "
+                  f"the folder as it was is kept in {kept}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         parameters = {"run": run, "profile": profile}
         if data:

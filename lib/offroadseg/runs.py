@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -94,6 +95,39 @@ class Run:
         return read_json(self.manifest) if self.manifest.exists() else {}
 
 
+def snapshot(run: Run) -> Path | None:
+    """Keep the run folder as it is now under earlier/<UTC time>/ before a new run over it.
+
+    Checkpoints (*.pt, the bulk of a run) are hard links: instant and no extra space, and safe
+    because the engine replaces a checkpoint atomically (a new inode) and never edits one in
+    place. Everything else is copied, since some writers (papermill's executed notebooks, ONNX
+    exports) rewrite their file in place. (Copies too where the file system has no hard links.)
+    None when the folder holds no run yet.
+    """
+    if not run.manifest.exists():
+        return None
+    target = run.dir / "earlier" / now().replace(":", "").replace("+0000", "Z")
+    suffix = 1
+    while target.exists():  # two runs within one second
+        suffix += 1
+        target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
+
+    def link(source, destination):
+        if Path(source).suffix == ".pt":
+            try:
+                return os.link(source, destination)
+            except OSError:
+                pass
+        shutil.copy2(source, destination)
+
+    def skip(folder, names):  # earlier snapshots and unfinished temporary files stay out
+        top = Path(folder) == run.dir
+        return [n for n in names if (top and n == "earlier") or (n.startswith(".") and n.endswith(".tmp"))]
+
+    shutil.copytree(run.dir, target, copy_function=link, ignore=skip)
+    return target
+
+
 def run_dir(run: str, root: Path | None = None) -> Run:
     if not run or any(sep in run for sep in ("/", "\\")) or run in (".", ".."):
         raise ValueError(f"run name {run!r}: use a plain folder name such as 'demo' or 'full-2026-11-24'")
@@ -123,6 +157,8 @@ def record_step(run: Run, step: str, parameters: dict, profile: str, data_root: 
             start = _dt.datetime.fromisoformat(entry["started"])
             entry["seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - start).total_seconds(), 1)
     else:
+        if step in manifest["steps"]:  # a rerun: the earlier entry stays on record
+            manifest.setdefault("earlier_steps", []).append({"step": step, **manifest["steps"][step]})
         entry = {"parameters": parameters, "started": now()}
     if extra:
         entry.update(extra)

@@ -67,7 +67,7 @@ def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConf
     torch.manual_seed(config.seed)
     model = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir(role), loss_fn=segmentation_loss(scan),
-                  sample_weights=scan["sample_weights"], progress=progress)
+                  sample_weights=scan["sample_weights"], progress=progress, data_id=scan.get("fingerprint"))
     return model, history
 
 
@@ -161,7 +161,8 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
     train_set, val_set = datasets(scan, ctx.profile.image_size)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
-                  sample_weights=scan["sample_weights"], step_loss=distiller.step_loss, progress=progress)
+                  sample_weights=scan["sample_weights"], step_loss=distiller.step_loss, progress=progress,
+                  data_id=scan.get("fingerprint"))
     return model, history
 
 
