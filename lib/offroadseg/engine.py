@@ -78,11 +78,13 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     prune_decoder: float = 0.0  # fraction of decoder conv/linear weights L1-pruned; 0 = off
     max_bad_steps: int = 5  # this many non-finite steps in a row stop training (TrainingDiverged)
+    channels_last: bool | None = None  # NHWC activations (tensor cores' layout); None = on CUDA only
+    compile: bool = False  # torch.compile the model: minutes of compiling, so it pays only on long GPU runs
 
 
 # Settings a resumed run may change; all others (and the model spec, number of processes
 # and train-set size) must match last.pt, or resuming would silently train a different run.
-RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "max_bad_steps")
+RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "max_bad_steps", "channels_last", "compile")
 
 
 class CheckpointError(RuntimeError):
@@ -483,6 +485,11 @@ def fit(
                                   config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
 
+    channels_last = accelerator.device.type == "cuda" if config.channels_last is None else config.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if config.compile:
+        model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_set)} train samples make no full batch of {config.batch_size} "
@@ -518,6 +525,7 @@ def fit(
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (progress and accelerator.is_main_process))
         for step, (images, masks) in enumerate(bar):
+            images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with out_of_memory_advice(config, images, epoch, step, out_dir):
                 with accelerator.autocast():
