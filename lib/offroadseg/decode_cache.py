@@ -1,0 +1,192 @@
+"""A decode cache on disk: every (image, mask) pair decoded and resized once, into memory-mapped arrays.
+
+    cache = DecodeCache.build_or_open(pairs, size=(270, 480), folder=data_root / ".cache")
+    image, mask = cache.load(0)   # read-only views: uint8 (270, 480, 3) and (270, 480)
+
+Why: decoding the PNGs (a 960x540 image and its 16-bit mask) is most of the
+cost of loading a sample, and `SegmentationDataset`'s in-memory cache pays it
+again in every DataLoader worker (each fills a private copy) and in every run.
+Memory-mapped arrays are decoded once, shared by all workers through the OS
+page cache, and reused by later notebooks and runs.
+
+Files in `folder`, named by a hash of the size and the pair list, so caches
+of several splits or sizes sit side by side:
+
+    decode-<hash>.images.npy   uint8 (N, H, W, 3)
+    decode-<hash>.masks.npy    uint8 (N, H, W): class indices, 255 = ignore (all 255 for a pair without mask)
+    decode-<hash>.json         the index: format version, size, pairs, each file's byte size and mtime_ns
+
+A cache is used only when its index matches the current files exactly and
+both arrays have the expected shape and file length; otherwise it is rebuilt.
+So a replaced or touched file, a changed size, an added or removed pair
+(which also changes the hash), a deleted index or a truncated array all lead
+to a rebuild, never to reading stale or partial data. Building deletes the old
+index first, writes the arrays to temporary files renamed into place, and
+writes the index last (atomically): a crash at any point leaves no cache that
+passes the check. Caches of other pair lists are left alone: delete the folder
+to reclaim their space. Two processes building the same cache at once each do
+the full work; the files they produce are identical, so either result stands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .files import atomic_open, read_json, write_json
+
+FORMAT_VERSION = 1
+# Pairs below this count decode in-process: starting worker processes would cost more than it saves.
+PARALLEL_MIN_PAIRS = 32
+
+
+class DecodeCache:
+    """Read access to a built cache; make one with `build_or_open`.
+
+    The arrays are opened lazily in each process and left out when pickled, so
+    a dataset holding a cache travels to DataLoader workers (fork or spawn)
+    without copying gigabytes through a pipe.
+    """
+
+    def __init__(self, stem: Path, length: int, size: tuple[int, int]):
+        self.stem = stem
+        self.length = length
+        self.size = size
+        self._images: np.ndarray | None = None
+        self._masks: np.ndarray | None = None
+
+    @property
+    def images_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".images.npy")
+
+    @property
+    def masks_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".masks.npy")
+
+    @property
+    def index_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".json")
+
+    @classmethod
+    def build_or_open(cls, pairs, size: tuple[int, int], folder: str | os.PathLike,
+                      workers: int | None = None, progress: bool = True) -> DecodeCache:
+        """The cache of `pairs` ((image, mask or None) paths) at `size` (height, width) in `folder`.
+
+        Opens the existing cache when it matches the files; otherwise decodes
+        every pair (with `workers` processes, default all cores) and builds it.
+        A pair that cannot be decoded is a `data.DataError` naming the file.
+        """
+        pairs = [(Path(image), None if mask is None else Path(mask)) for image, mask in pairs]
+        size = (int(size[0]), int(size[1]))
+        listed = [[str(image), None if mask is None else str(mask)] for image, mask in pairs]
+        key = hashlib.sha1(json.dumps({"size": size, "pairs": listed}).encode()).hexdigest()[:16]
+        index = {"version": FORMAT_VERSION, "size": list(size), "pairs": listed,
+                 "files": [[_fingerprint(image), None if mask is None else _fingerprint(mask)] for image, mask in pairs]}
+        cache = cls(Path(folder) / f"decode-{key}", len(pairs), size)
+        if not cache._matches(index):
+            cache._build(pairs, index, workers, progress)
+        return cache
+
+    def __len__(self) -> int:
+        return self.length
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 (H, W, 3), mask uint8 (H, W)) of pair `index`: read-only views into the files, no copy."""
+        if self._images is None:
+            self._open()
+        return np.asarray(self._images[index]), np.asarray(self._masks[index])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None, "_masks": None}
+
+    def _open(self) -> None:
+        """Map both arrays read-only; ValueError (or OSError) when either is missing, truncated or mis-shaped."""
+        shapes = {self.images_path: (self.length, *self.size, 3), self.masks_path: (self.length, *self.size)}
+        arrays = []
+        for path, shape in shapes.items():
+            array = np.load(path, mmap_mode="r")
+            if array.shape != shape or array.dtype != np.uint8:
+                raise ValueError(f"{path}: holds {array.dtype} {array.shape}, expected uint8 {shape}")
+            if path.stat().st_size != array.offset + array.nbytes:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, expected {array.offset + array.nbytes}")
+            arrays.append(array)
+        self._images, self._masks = arrays
+
+    def _matches(self, index: dict) -> bool:
+        try:
+            if read_json(self.index_path) != index:
+                return False
+            self._open()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _build(self, pairs, index: dict, workers: int | None, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        height, width = self.size
+        folder = self.stem.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        # The old index goes first: from here until the new one is written, nothing passes `_matches`.
+        self.index_path.unlink(missing_ok=True)
+        self._images = self._masks = None
+        needed = len(pairs) * height * width * 4
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise OSError(f"{folder}: the decode cache needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
+                          "(give another cache folder, or a smaller size)")
+        bar = tqdm(total=len(pairs), desc="decode cache", unit="pair", disable=not progress)
+        try:
+            # closing(): on a failure the worker pool shuts down now, not when the traceback is freed.
+            with atomic_open(self.images_path, "wb") as images, atomic_open(self.masks_path, "wb") as masks, \
+                    contextlib.closing(_decode_all(pairs, self.size, workers)) as decoded:
+                _write_header(images, (len(pairs), height, width, 3))
+                _write_header(masks, (len(pairs), height, width))
+                for image, mask in decoded:
+                    images.write(np.ascontiguousarray(image, dtype=np.uint8).data)
+                    masks.write(np.ascontiguousarray(mask, dtype=np.uint8).data)
+                    bar.update()
+        finally:
+            bar.close()
+        write_json(self.index_path, index)
+        self._open()
+
+
+def _fingerprint(path: Path) -> list[int]:
+    """[size in bytes, mtime in ns]: changes whenever the file is rewritten, without reading it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise data.DataError(f"{path}: file not found") from None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _write_header(handle, shape: tuple[int, ...]) -> None:
+    np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": shape})
+
+
+def _decode_all(pairs, size: tuple[int, int], workers: int | None):
+    """Decoded, resized pairs in order. With several workers at most a few decoded pairs per
+    worker wait to be written, so memory stays bounded however many pairs there are."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(pairs) < PARALLEL_MIN_PAIRS:
+        for image, mask in pairs:
+            yield data.decode_pair(image, mask, size)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending = deque()
+        for image, mask in pairs:
+            pending.append(pool.submit(data.decode_pair, image, mask, size))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
