@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from helpers import make_small_dataset
 from offroadseg import pipeline, training
@@ -94,3 +95,21 @@ def test_data_changed_after_the_scan_is_refused_once_models_exist(project):
     for step in ("01_data_scan", "04_ensemble", "06_evaluate"):
         with pytest.raises(pipeline.RunMismatch, match="changed .* since notebook 01 scanned it .*models were trained"):
             pipeline.start(step, run="r", profile="demo", data=project / "data")
+
+
+def test_device_augmentation_path_trains_from_the_decode_cache(project):
+    # The GPU path (uint8 batches from the memory-mapped cache, BatchAugment after the device copy)
+    # runs on any device; here on the CPU.
+    from offroadseg import engine
+    from offroadseg.models import build_model
+
+    scan = scan_dataset(project / "data", workers=1, progress=False)
+    train, val = training.datasets(scan, (8, 16), cache_dir=project / "cache", on_device=True)
+    image, mask = train[0]
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 12, 24) and tuple(mask.shape) == (12, 24)
+    assert list((project / "cache").glob("decode-*.images.npy"))
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus-resnet18", output_stride=32, aspp_channels=16, decoder_channels=16)
+    history = engine.fit(model, train, val, engine.TrainConfig(epochs=1, batch_size=2, precision="fp32"),
+                         project / "run", progress=False, batch_transform=training.batch_augmentation((8, 16)))
+    assert len(history) == 1 and history[0]["train_loss"] > 0

@@ -422,6 +422,7 @@ def fit(
     step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     data_id: str | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[dict]:
     """Train `model` on `train_set`, validate on `val_set` each epoch, checkpoint into `out_dir`.
 
@@ -432,6 +433,8 @@ def fit(
     the device). `sample_weights` (one per train sample) makes each epoch a weighted draw with
     replacement of len(train_set) samples. `data_id` (the scan's data fingerprint) is saved with
     the checkpoints, so resuming on changed data is refused rather than mixing two datasets.
+    `batch_transform(images, masks) -> (images, masks)` runs on each training batch once it is on
+    the device (`augment.BatchAugment`: augmentation on the GPU, the train set then yields uint8).
 
     If out_dir/last.pt exists, training resumes after its epoch (settings must match, see
     RESUMABLE_CHANGES); a finished run returns its history without training.
@@ -525,6 +528,8 @@ def fit(
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (progress and accelerator.is_main_process))
         for step, (images, masks) in enumerate(bar):
+            if batch_transform is not None:
+                images, masks = batch_transform(images, masks)
             images = images.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             with out_of_memory_advice(config, images, epoch, step, out_dir):

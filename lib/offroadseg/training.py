@@ -36,17 +36,38 @@ def model_plan(profile: Profile, role: str, **overrides) -> ModelPlan:
     return replace(plan, **overrides)
 
 
-def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True):
-    """(train, val) datasets of the usable pairs: train augmented, val resized and normalised."""
+def augment_on_device() -> bool:
+    """Augment whole batches on the GPU (`augment.BatchAugment`) when there is one: per-sample CPU
+    augmentation in loader workers is what starves a GPU. On a CPU the per-sample path stays."""
+    return torch.cuda.is_available()
+
+
+def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True, cache_dir=None,
+             on_device: bool = False):
+    """(train, val) datasets of the usable pairs: train augmented, val resized and normalised.
+
+    `cache_dir`: keep the decoded, resized train images in a memory-mapped cache there (shared by
+    every notebook and loader worker, rebuilt when the files change); None keeps them in memory.
+    `on_device`: the train set yields uint8 tensors at the cache size, unaugmented, for
+    `batch_augmentation` to crop, resize and augment on the device.
+    """
     height, width = image_size
     cache = (round(height * TRAIN_CACHE_SCALE), round(width * TRAIN_CACHE_SCALE)) if augmentation else image_size
-    train_tf = augment.train_transform(size=image_size) if augmentation else augment.eval_transform(image_size)
-    train = SegmentationDataset(usable_pairs(scan, "train"), train_tf, cache_size=cache)
+    if augmentation and on_device:
+        train_tf = augment.to_tensors
+    else:
+        train_tf = augment.train_transform(size=image_size) if augmentation else augment.eval_transform(image_size)
+    train = SegmentationDataset(usable_pairs(scan, "train"), train_tf, cache_size=cache, cache_dir=cache_dir)
     val = val_dataset(scan, image_size)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"the scan holds {len(train)} usable train and {len(val)} usable val pairs: "
                          "training needs both (see the problems table of notebook 01)")
     return train, val
+
+
+def batch_augmentation(image_size: tuple[int, int]) -> augment.BatchAugment:
+    """The device-side counterpart of `datasets(..., on_device=True)`: the same recipe as train_transform."""
+    return augment.BatchAugment(size=image_size)
 
 
 def train_config(profile: Profile, plan: ModelPlan, **overrides) -> TrainConfig:
@@ -62,12 +83,14 @@ def segmentation_loss(scan: dict) -> SegmentationLoss:
 
 def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConfig, progress: bool = True):
     """Build the model of `plan`, train it on the run's data, checkpoint into models/<role>/. Returns (model, history)."""
-    train_set, val_set = datasets(scan, ctx.profile.image_size)
+    on_device = augment_on_device()
+    train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=ctx.run.dir / "cache", on_device=on_device)
     # Seeded here, not only in fit: the initial weights come from the global RNG as the model is built.
     torch.manual_seed(config.seed)
     model = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir(role), loss_fn=segmentation_loss(scan),
-                  sample_weights=scan["sample_weights"], progress=progress, data_id=scan.get("fingerprint"))
+                  sample_weights=scan["sample_weights"], progress=progress, data_id=scan.get("fingerprint"),
+                  batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None)
     return model, history
 
 
@@ -159,10 +182,12 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     """
     torch.manual_seed(config.seed)  # the feature projections (and a student from scratch) start from the global RNG
     model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
-    train_set, val_set = datasets(scan, ctx.profile.image_size)
+    on_device = augment_on_device()
+    train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=ctx.run.dir / "cache", on_device=on_device)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
                   sample_weights=scan["sample_weights"], step_loss=distiller.step_loss, progress=progress,
-                  data_id=scan.get("fingerprint"))
+                  data_id=scan.get("fingerprint"),
+                  batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None)
     return model, history
 
 
