@@ -1,14 +1,18 @@
-"""Shared bits of the benchmark scripts: machine description and JSON results."""
+"""Shared bits of the benchmark scripts: machine description, JSON results and small helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 from offroadseg.files import write_json
 from offroadseg.runs import package_versions
+
+ROLES = ("segformer", "deeplab", "student")
 
 
 def machine() -> dict:
@@ -16,15 +20,22 @@ def machine() -> dict:
     try:
         import torch
 
+        info["torch_threads"] = torch.get_num_threads()
+        info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+            info["cudnn"] = torch.backends.cudnn.version()
     except ImportError:
         pass
     return info
 
 
 def save_results(name: str, rows: list[dict], out: str | None = None, **extra) -> Path:
-    path = Path(out) if out else Path(__file__).parent / "results" / f"{name}.json"
+    """Write bench/results/<name>.json (or `out`); a run with quick=True goes to bench/results/quick/<name>.json,
+    so smoke runs never overwrite real measurements."""
+    folder = Path(__file__).parent / "results" / ("quick" if extra.get("quick") else "")
+    path = Path(out) if out else folder / f"{name}.json"
     write_json(path, {"benchmark": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       "machine": machine(), "versions": package_versions(), **extra, "rows": rows})
     return path
@@ -41,3 +52,91 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
     return "" if value is None else str(value)
+
+
+# ------------------------------------------------------------------------ shared helpers
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"HxW" -> (height, width)."""
+    try:
+        height, width = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must be HxW (e.g. 160x288), got {text!r}") from None
+    return height, width
+
+
+def size_str(size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def model_label(name: str, options: dict) -> str:
+    return name + ("" if not options else " " + ",".join(f"{k}={v}" for k, v in options.items()))
+
+
+def profile_models(profile, names=None) -> list[dict]:
+    """[{"role", "name", "options", "batch_size"}] for `names`: role names (segformer, deeplab, student)
+    take the profile's plan (options included, pretrained weights never loaded); any other name is a
+    model name built with default options. None: the profile's three roles."""
+    out = []
+    for name in names or ROLES:
+        if name in ROLES:
+            plan = getattr(profile, name)
+            out.append({"role": name, "name": plan.name, "options": dict(plan.options), "batch_size": plan.batch_size})
+        else:
+            out.append({"role": "-", "name": name, "options": {}, "batch_size": None})
+    return out
+
+
+def resolve_device(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" -> bf16 on GPUs with native bf16, fp16 on older ones, fp32 on CPU."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        bf16 = torch.cuda.is_bf16_supported()
+    return "bf16" if bf16 else "fp16"
+
+
+def autocast(device, precision: str):
+    """The autocast context of `precision` on `device` (none for fp32)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def demo_data(data: str | None, quick: bool):
+    """The dataset root to use: `data` if given; with `quick`, a tiny desert in a temporary folder
+    (12 images at 128x72, removed afterwards); else data/demo_desert, generated if missing."""
+    if data:
+        yield Path(data)
+        return
+    from offroadseg.synth import make_demo_desert
+
+    if quick:
+        with tempfile.TemporaryDirectory(prefix="bench-desert-") as tmp:
+            make_demo_desert(tmp, counts={"train": 8, "val": 2, "test": 2}, size=(128, 72), workers=1, progress=False)
+            yield Path(tmp)
+        return
+    root = Path(__file__).resolve().parent.parent / "data" / "demo_desert"
+    if not root.exists():
+        print(f"generating the demo desert into {root} ...", flush=True)
+        make_demo_desert(root)
+    yield root

@@ -6,6 +6,7 @@ Ours checks each pair (image header and end marker, mask decode, size match),
 counts every raw value in one pass and uses all cores.
 
     python bench/scan.py [--data data/demo_desert] [--repeat 3]
+    python bench/scan.py --quick      # smoke run: a tiny generated desert, 1 repetition (seconds)
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save_results, table  # noqa: E402
+from common import demo_data, save_results, table  # noqa: E402
 
 from offroadseg.classes import RAW_IDS  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
 from offroadseg.scan import scan_dataset  # noqa: E402
+
+DEFAULT_DATA = "data/demo_desert"
 
 
 def naive_scan(mask_paths) -> np.ndarray:
@@ -35,25 +38,35 @@ def naive_scan(mask_paths) -> np.ndarray:
     return counts
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/demo_desert", help="dataset root (made with the demo desert if missing)")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="dataset root (made with the demo desert if missing)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is reported")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON results path (default bench/results/scan.json)")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: a tiny generated desert in a temporary folder (unless --data is given), 1 repetition")
+    args = parser.parse_args(argv)
 
+    if args.quick:
+        with demo_data(args.data if args.data != DEFAULT_DATA else None, quick=True) as root:
+            run(args, root, repeat=1)
+        return
     root = Path(args.data)
     if not root.exists():
         from offroadseg.synth import make_demo_desert
 
         make_demo_desert(root)
+    run(args, root, args.repeat)
+
+
+def run(args, root: Path, repeat: int) -> None:
     dataset = find_dataset(root)
     masks = [m for split in ("train", "val", "test") for _, m in (getattr(dataset, split) or []) if m is not None]
     size = Image.open(masks[0]).size
 
     naive_best = ours_best = float("inf")
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         started = time.perf_counter()
         naive_counts = naive_scan(masks)
         naive_best = min(naive_best, time.perf_counter() - started)
@@ -70,10 +83,12 @@ def main() -> None:
          "seconds": ours_best, "masks_per_s": len(masks) / ours_best},
     ]
     speedup = naive_best / ours_best
-    print(f"masks: {len(masks)} at {size[0]}x{size[1]}, best of {args.repeat}")
+    print(f"masks: {len(masks)} at {size[0]}x{size[1]}, best of {repeat}")
     print(table(rows, ["method", "masks", "seconds", "masks_per_s"]))
     print(f"speed-up: {speedup:.1f}x   (reference report: 7.87 masks/s)")
-    path = save_results("scan", rows, args.out, mask_size=list(size), speedup=speedup)
+    path = save_results("scan", rows, args.out, mask_size=list(size), speedup=speedup, repeat=repeat,
+                        data="quick tiny desert" if args.quick and args.data == DEFAULT_DATA else str(root),
+                        workers=args.workers, quick=args.quick)
     print(f"results: {path}")
 
 

@@ -1,0 +1,44 @@
+"""Smoke test of the benchmark scripts: each main() runs end to end with --quick (tiny sizes, one or
+two steps) and writes its JSON (date, machine, versions, rows) into tmp_path. No speed is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from offroadseg.files import read_json
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+# script -> extra arguments that keep the smoke run to a few seconds
+SCRIPTS = {
+    "scan": [],
+    "train_speed": ["--models", "segformer"],
+    "loader_vs_model": ["--models", "segformer", "deeplab"],
+    "inference": ["--models", "student", "ensemble_tta", "--skip-model-native"],
+}
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))  # the scripts import bench/common.py (and each other) by module name
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_bench_script_quick_run(name, tmp_path, capsys, one_thread):
+    out = tmp_path / f"{name}.json"
+    _load(name).main(["--quick", "--out", str(out), *SCRIPTS[name]])
+    result = read_json(out)
+    assert result["benchmark"] == name and result["quick"] is True
+    assert {"date", "machine", "versions"} <= set(result) and result["rows"]
+    printed = capsys.readouterr().out
+    assert f"results: {out}" in printed
+    first_column = {"scan": "method", "train_speed": "role", "loader_vs_model": "role", "inference": "predictor"}[name]
+    assert any(line.startswith(first_column) for line in printed.splitlines())  # the table's header
