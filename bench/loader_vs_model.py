@@ -1,37 +1,50 @@
 """Data loader images/s against model training images/s, per model: is the accelerator starved?
 
-(a) The loader: the training DataLoader built as `engine.fit` builds it (same dataset
-    from `training.datasets`: decode + resize to 1.5x the model input, cached in memory,
-    then the training augmentation; the weighted `EpochSampler` with the scan's sample
-    weights, drop_last, `num_workers`, `seed_worker`, pin_memory on CUDA, wrapped by
-    accelerate's `prepare` which copies each batch to the device). It is iterated
-    without a model: epoch 1 decodes the PNGs, epoch 2 can use the in-memory cache.
-    Caveat measured, not hidden: fit's workers are not persistent, so with workers > 0
-    each epoch starts fresh worker processes whose caches die with them, and epoch 2
-    decodes again. A second row "persistent" (NOT what fit does) shows what keeping the
-    workers would give; --no-persistent skips it.
+(a) The loader, built exactly as training builds it now:
+    - the train set from `training.datasets(scan, image_size, cache_dir=..., on_device=...)`:
+      every train image decoded and resized to 1.5x the model input once, into the memory-mapped
+      `DecodeCache` (shared by every DataLoader worker through the OS page cache). Each
+      measurement builds it cold into a fresh temporary folder: `cache_build_s` (the whole
+      `datasets` call, almost all of it decoding) and `decode_ips` (train images / cache_build_s).
+      Training pays this once per run folder (`<run>/cache`) and reuses it afterwards.
+    - the DataLoader as `engine.fit` builds it: the weighted `EpochSampler` with the scan's
+      sample weights, drop_last, `num_workers`, `seed_worker`, pin_memory on CUDA, wrapped by
+      accelerate's `prepare` (which copies each batch to the device), workers NOT persistent
+      (fresh worker processes every epoch, as in fit; the memory-mapped cache survives them).
+    - the augmentation where training puts it: on CUDA the dataset yields uint8 tensors at the
+      cache size (`augment.to_tensors`) and `training.batch_augmentation` (`BatchAugment`:
+      crop, resize, rotate, flip, jitter) runs on each batch on the device, timed with the
+      loader (torch.cuda.synchronize at the end of each epoch) since the model waits for both;
+      on a CPU the dataset's per-sample torchvision augmentation runs in the loader as before.
+    It is iterated without a model for two epochs from the built cache: `loader_e1_ips`,
+    `loader_e2_ips` (epoch 1 also pays first-use costs: CUDA kernels, page faults).
+    `augment_ips`: the device augmentation alone (CUDA events around each BatchAugment call;
+    GPU time the model step does not get), blank where augmentation runs in the dataset.
 (b) The model: bench/train_speed.measure (forward + loss + backward + AdamW on random
     input of the same size and batch; bf16 autocast + channels_last on CUDA).
 
-e2_cache_hits: the share of epoch 2's samples already decoded in the process that loads
-them (the weighted sampler draws with replacement, so epoch 1 sees only ~63% of the
-images); 0 for fit's non-persistent workers, blank where unknown (several persistent workers).
-
 ratio = loader images/s / model images/s; verdict "starved" where the loader (epoch 2)
-is the slower side, "starved (epoch 1)" where only the decoding epoch is.
+is the slower side, "starved (epoch 1)" where only the first epoch is.
 On a CPU-only machine the loader and the model share the same cores (with workers=0
 the same thread), so there the real training rate is about 1 / (1/loader + 1/model).
+On CUDA the device augmentation and the model share the GPU: the GPU side runs at about
+1 / (1/augment + 1/model).
 
     python bench/loader_vs_model.py                       # demo profile, data/demo_desert, this device
     python bench/loader_vs_model.py --profile full --workers 4 8 16 --data /path/to/Falcon
     python bench/loader_vs_model.py --quick               # tiny smoke run (seconds)
+
+--augment device|dataset overrides where the augmentation runs (default: where training runs it);
+--cache-root puts the temporary decode caches under that folder (default: the system temp dir).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,79 +57,93 @@ from train_speed import measure  # noqa: E402
 
 from offroadseg import training  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
+from offroadseg.decode_cache import PARALLEL_MIN_PAIRS  # noqa: E402
 from offroadseg.engine import EpochSampler, _epoch_seed, make_accelerator, resolve_precision as engine_precision, seed_worker  # noqa: E402
 from offroadseg.profiles import PROFILES  # noqa: E402
-from offroadseg.scan import scan_dataset  # noqa: E402
+from offroadseg.scan import scan_dataset, usable_pairs  # noqa: E402
 
-COLUMNS = ["role", "model", "size", "batch", "workers", "loader", "loader_e1_ips", "loader_e2_ips", "e2_cache_hits",
-           "model_ips", "ratio_e1", "ratio_e2", "verdict"]
+COLUMNS = ["role", "model", "size", "batch", "workers", "augment", "cache_build_s", "decode_ips", "loader_e1_ips",
+           "loader_e2_ips", "augment_ips", "model_ips", "ratio_e1", "ratio_e2", "verdict"]
 
 
-def train_set_and_weights(root: Path, image_size, limit: int | None):
-    """The train dataset and sample weights exactly as `training.train_teacher` gets them (scan in memory)."""
+def scan_and_weights(root: Path, limit: int | None):
+    """The scan (in memory, as `training.train_teacher` gets it) and its train sample weights; with
+    `limit` both keep only the first `limit` train pairs, so the decode cache holds only those."""
     started = time.perf_counter()
     scan = scan_dataset(find_dataset(root), progress=False)
     scan_seconds = time.perf_counter() - started
-    train_set, _ = training.datasets(scan, image_size)
-    weights = list(scan["sample_weights"])
     if limit:
-        train_set.pairs = train_set.pairs[:limit]
-        weights = weights[:limit]
-    return train_set, weights, scan_seconds
+        train = dict(scan["splits"]["train"], images=scan["splits"]["train"]["images"][:limit])
+        scan = dict(scan, splits=dict(scan["splits"], train=train), sample_weights=scan["sample_weights"][:limit])
+    return scan, list(scan["sample_weights"]), scan_seconds
 
 
-def measure_loader(train_set, weights, batch: int, workers: int, device: torch.device, seed: int,
-                   persistent: bool = False, epochs: int = 2) -> dict:
-    """images/s per epoch of the training DataLoader, iterated without a model (batches reach `device`)."""
-    train_set._cached.clear()  # every measurement starts from an empty cache, as a fresh fit does
-    sampler = EpochSampler(len(train_set), seed, weights)
-    worker_seeds = torch.Generator()
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch, sampler=sampler, drop_last=len(train_set) >= batch,
-        num_workers=workers, worker_init_fn=seed_worker, generator=worker_seeds, pin_memory=device.type == "cuda",
-        persistent_workers=persistent and workers > 0,
-    )
-    accelerator = make_accelerator(engine_precision("auto"))
-    prepared = accelerator.device.type == device.type
-    if prepared:
-        loader = accelerator.prepare(loader)
-
-    per_epoch, seen = [], set()
-    for epoch in range(1, epochs + 1):
-        if prepared:
-            loader.set_epoch(epoch)
-        else:
-            sampler.set_epoch(epoch)
-        worker_seeds.manual_seed(_epoch_seed(seed, epoch, 1))
-        # Which of this epoch's samples an in-process cache already holds (fit order: drop_last trims the tail).
-        sampler.set_epoch(epoch)
-        order = list(sampler)[: len(loader) * batch] if len(train_set) >= batch else list(sampler)
-        hits = sum(i in seen for i in order) / max(1, len(order))
-        seen.update(order)
-        images = 0
+def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, device: torch.device, seed: int,
+                   on_device: bool, cache_root: str | None = None, epochs: int = 2) -> dict:
+    """Cold decode-cache build, then images/s per epoch of the training DataLoader (plus the device
+    augmentation when `on_device`), iterated without a model; batches reach `device`."""
+    with tempfile.TemporaryDirectory(prefix="bench-decode-cache-", dir=cache_root) as folder:
         started = time.perf_counter()
-        first_batch_s = None
-        for x, y in loader:
-            if not prepared:
-                x, y = x.to(device), y.to(device)
-            images += len(x)
-            if first_batch_s is None:
-                first_batch_s = time.perf_counter() - started
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        # The cache lives in the process that decodes: the main one (workers=0) or each worker. Fit's workers
-        # are not persistent, so their caches die every epoch; persistent workers each hold their own cache
-        # and see only some of the samples, so the share of hits is unknown there (beyond one worker).
-        if workers == 0 or (persistent and workers == 1):
-            cache_hits = hits
-        else:
-            cache_hits = None if persistent else 0.0
-        per_epoch.append({"epoch": epoch, "images": images, "seconds": seconds, "images_per_s": images / seconds,
-                          "first_batch_s": first_batch_s, "cache_hits": cache_hits})
-    del loader
-    return {"loader": "persistent" if persistent and workers > 0 else "as fit", "workers": workers, "batch": batch,
-            "through_accelerate": prepared, "epochs": per_epoch}
+        train_set, _ = training.datasets(scan, image_size, cache_dir=folder, on_device=on_device)
+        cache_build_s = time.perf_counter() - started
+        pairs = len(train_set)
+        cache = {"seconds": cache_build_s, "images": pairs, "images_per_s": pairs / cache_build_s,
+                 "cache_size": list(train_set.cache_size),
+                 "decode_processes": 1 if pairs < PARALLEL_MIN_PAIRS else (os.cpu_count() or 1)}
+
+        augmentation = training.batch_augmentation(image_size) if on_device else None
+        sampler = EpochSampler(pairs, seed, weights)
+        worker_seeds = torch.Generator()
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=batch, sampler=sampler, drop_last=pairs >= batch,
+            num_workers=workers, worker_init_fn=seed_worker, generator=worker_seeds, pin_memory=device.type == "cuda",
+        )
+        accelerator = make_accelerator(engine_precision("auto"))
+        prepared = accelerator.device.type == device.type
+        if prepared:
+            loader = accelerator.prepare(loader)
+        timed_events = augmentation is not None and device.type == "cuda"
+
+        torch.manual_seed(seed)  # BatchAugment draws from the global CPU generator (fit seeds it too)
+        per_epoch = []
+        for epoch in range(1, epochs + 1):
+            if prepared:
+                loader.set_epoch(epoch)
+            else:
+                sampler.set_epoch(epoch)
+            worker_seeds.manual_seed(_epoch_seed(seed, epoch, 1))
+            images, augment_s, events = 0, 0.0, []
+            started = time.perf_counter()
+            first_batch_s = None
+            for x, y in loader:
+                if not prepared:
+                    x, y = x.to(device), y.to(device)
+                if augmentation is not None:
+                    if timed_events:
+                        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        begin.record()
+                        x, y = augmentation(x, y)
+                        end.record()
+                        events.append((begin, end))
+                    else:  # CPU (--augment device without a GPU): synchronous, timed directly
+                        augment_started = time.perf_counter()
+                        x, y = augmentation(x, y)
+                        augment_s += time.perf_counter() - augment_started
+                images += len(x)
+                if first_batch_s is None:
+                    first_batch_s = time.perf_counter() - started
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            if events:
+                augment_s = sum(begin.elapsed_time(end) for begin, end in events) / 1000
+            per_epoch.append({"epoch": epoch, "images": images, "seconds": seconds, "images_per_s": images / seconds,
+                              "first_batch_s": first_batch_s,
+                              "augment_s": augment_s if augmentation is not None else None,
+                              "augment_ips": images / augment_s if augmentation is not None and augment_s > 0 else None})
+        del loader, train_set  # before the folder goes: the workers are gone, the memory maps closed
+    return {"workers": workers, "batch": batch, "augment": "device" if on_device else "dataset",
+            "through_accelerate": prepared, "cache_build": cache, "epochs": per_epoch}
 
 
 def main(argv=None) -> None:
@@ -131,8 +158,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps of the model (after 2 warm-up)")
     parser.add_argument("--workers", type=int, nargs="*", default=None,
                         help="DataLoader workers, one loader row each (default: the profile's workers)")
-    parser.add_argument("--no-persistent", action="store_true",
-                        help="skip the persistent-workers variant (measured by default when workers > 0)")
+    parser.add_argument("--augment", default="auto", choices=("auto", "device", "dataset"),
+                        help="where the augmentation runs: auto = as training (on the device with CUDA, "
+                             "else per sample in the dataset)")
+    parser.add_argument("--cache-root", default=None,
+                        help="folder for the temporary decode caches (default: the system temp dir)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda ...")
     parser.add_argument("--quick", action="store_true",
@@ -145,6 +175,7 @@ def main(argv=None) -> None:
     profile = PROFILES[args.profile]
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    on_device = device.type == "cuda" if args.augment == "auto" else args.augment == "device"
     size = (64, 96) if args.quick else (parse_size(args.size) if args.size else tuple(profile.image_size))
     steps, warmup = (1, 1) if args.quick else (args.steps, 2)
     workers_list = args.workers if args.workers is not None else [profile.workers]
@@ -153,18 +184,21 @@ def main(argv=None) -> None:
         spec["batch"] = 2 if args.quick else (args.batch or spec["batch_size"] or 8)
 
     with demo_data(args.data, args.quick) as root:
-        train_set, weights, scan_seconds = train_set_and_weights(root, size, args.limit)
-        print(f"data: {root}  ({len(train_set)} train pairs, scan {scan_seconds:.1f} s)   model input: {size_str(size)}",
+        scan, weights, scan_seconds = scan_and_weights(root, args.limit)
+        train_pairs = len(usable_pairs(scan, "train"))
+        print(f"data: {root}  ({train_pairs} train pairs, scan {scan_seconds:.1f} s)   model input: {size_str(size)}"
+              f"   augmentation: {'on the device (BatchAugment)' if on_device else 'per sample in the dataset'}",
               flush=True)
-        loaders = {}  # (batch, workers, persistent) -> result: one loader measurement serves every model
+        loaders = {}  # (batch, workers) -> result: one loader measurement serves every model
         for batch in sorted({spec["batch"] for spec in models}):
             for workers in workers_list:
-                for persistent in ([False] if workers == 0 or args.no_persistent else [False, True]):
-                    result = measure_loader(train_set, weights, batch, workers, device, profile.seed, persistent)
-                    loaders[(batch, workers, persistent)] = result
-                    e = result["epochs"]
-                    print(f"loader batch {batch} workers {workers} ({result['loader']}): epoch 1 "
-                          f"{e[0]['images_per_s']:.1f} img/s, epoch 2 {e[1]['images_per_s']:.1f} img/s", flush=True)
+                result = measure_loader(scan, weights, size, batch, workers, device, profile.seed, on_device,
+                                        args.cache_root)
+                loaders[(batch, workers)] = result
+                c, e = result["cache_build"], result["epochs"]
+                print(f"loader batch {batch} workers {workers}: cache build {c['seconds']:.1f} s "
+                      f"({c['images_per_s']:.1f} img/s), epoch 1 {e[0]['images_per_s']:.1f} img/s, "
+                      f"epoch 2 {e[1]['images_per_s']:.1f} img/s", flush=True)
 
     trained = {}  # same architecture, size and batch (the demo teacher and student): measured once
     rows = []
@@ -176,30 +210,37 @@ def main(argv=None) -> None:
         model = trained[key]
         print(f"model {spec['role']} {model_label(spec['name'], spec['options'])}: "
               f"{model['images_per_s']:.1f} img/s", flush=True)
-        for (batch, workers, persistent), loader in loaders.items():
+        for (batch, workers), loader in loaders.items():
             if batch != spec["batch"]:
                 continue
             e1, e2 = loader["epochs"][0]["images_per_s"], loader["epochs"][-1]["images_per_s"]
             ips = model["images_per_s"]
             verdict = "starved" if e2 < ips else ("starved (epoch 1)" if e1 < ips else "ok")
             rows.append({"role": spec["role"], "model": model["model"], "size": size_str(size), "batch": batch,
-                         "workers": workers, "loader": loader["loader"], "loader_e1_ips": e1, "loader_e2_ips": e2,
-                         "e2_cache_hits": loader["epochs"][-1]["cache_hits"], "model_ips": ips,
+                         "workers": workers, "augment": loader["augment"],
+                         "cache_build_s": loader["cache_build"]["seconds"],
+                         "decode_ips": loader["cache_build"]["images_per_s"],
+                         "loader_e1_ips": e1, "loader_e2_ips": e2,
+                         "augment_ips": loader["epochs"][-1]["augment_ips"], "model_ips": ips,
                          "ratio_e1": e1 / ips, "ratio_e2": e2 / ips, "verdict": verdict,
                          "precision": model["precision"], "model_ms_per_step": model["ms_per_step"],
-                         "loader_epochs": loader["epochs"], "through_accelerate": loader["through_accelerate"]})
+                         "cache_build": loader["cache_build"], "loader_epochs": loader["epochs"],
+                         "through_accelerate": loader["through_accelerate"]})
 
     where = f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"\nprofile: {profile.name}   device: {where}   precision: {precision}   train pairs: {len(train_set)}")
+    print(f"\nprofile: {profile.name}   device: {where}   precision: {precision}   train pairs: {train_pairs}")
     print(table(rows, COLUMNS))
     if device.type == "cpu":
         print("note: on a CPU the loader and the model share the cores; the training rate is about "
               "1 / (1/loader + 1/model), whatever the verdict")
+    elif on_device:
+        print("note: the device augmentation (augment_ips) and the model share the GPU; the GPU side runs at "
+              "about 1 / (1/augment + 1/model)")
     path = save_results("loader_vs_model", rows, args.out, device=str(device), device_name=where,
                         profile=profile.name, data=str(root) if args.data else ("quick tiny desert" if args.quick else str(root)),
-                        train_pairs=len(train_set), scan_seconds=scan_seconds, model_input=list(size),
-                        precision=precision, quick=args.quick,
-                        loaders=[{"key": list(k), **v} for k, v in loaders.items()])
+                        train_pairs=train_pairs, scan_seconds=scan_seconds, model_input=list(size),
+                        precision=precision, quick=args.quick, augment="device" if on_device else "dataset",
+                        persistent_workers=False, loaders=[{"key": list(k), **v} for k, v in loaders.items()])
     print(f"results: {path}")
 
 

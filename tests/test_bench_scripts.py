@@ -42,3 +42,17 @@ def test_bench_script_quick_run(name, tmp_path, capsys, one_thread):
     assert f"results: {out}" in printed
     first_column = {"scan": "method", "train_speed": "role", "loader_vs_model": "role", "inference": "predictor"}[name]
     assert any(line.startswith(first_column) for line in printed.splitlines())  # the table's header
+
+
+@pytest.mark.slow
+def test_loader_vs_model_device_augmentation(tmp_path, one_thread):
+    """The GPU training path (uint8 batches from the decode cache, BatchAugment after the transfer)
+    also runs on a CPU with --augment device, so the smoke test covers it without a GPU."""
+    out = tmp_path / "loader_vs_model.json"
+    _load("loader_vs_model").main(["--quick", "--out", str(out), "--models", "segformer", "--augment", "device"])
+    result = read_json(out)
+    assert result["augment"] == "device" and result["persistent_workers"] is False
+    row = result["rows"][0]
+    assert row["augment"] == "device" and row["augment_ips"] > 0
+    assert row["cache_build_s"] > 0 and row["decode_ips"] > 0 and row["loader_e2_ips"] > 0
+    assert row["cache_build"]["cache_size"] == [96, 144]  # 1.5x the quick 64x96 model input
