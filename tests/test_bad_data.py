@@ -2,7 +2,7 @@
 export produces, in one dataset beside good pairs.
 
 The contract: the scan names each bad file with a plain reason and skips it (unknown raw IDs
-are reported but keep their pair), training on the rest works, and a bad file read directly
+are summarised per split and keep their pair), training on the rest works, and a bad file read directly
 is a DataError naming it, never an OSError or PIL traceback from deep inside.
 """
 
@@ -57,7 +57,8 @@ def jpeg_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# file name -> (split, what the scan's reason must say); the unknown-ID mask is the one kept.
+# file name -> (split, what the scan's reason must say) for every skipped file; the unknown-ID mask
+# is kept and appears in the per-split unknown-ID summary instead.
 EXPECTED = {
     "empty_image.png": ("train", "empty file (0 bytes)"),
     "empty_mask.png": ("train", "empty file (0 bytes)"),
@@ -70,7 +71,6 @@ EXPECTED = {
     "jpeg_mask.png": ("train", "named .png but is JPEG"),
     "rgb_mask.png": ("train", "mask has mode RGB (3 channels)"),
     "size_mismatch.png": ("train", f"size {W}x{H} differs from image {W}x{H + 6}"),
-    "unknown_ids.png": ("train", "unknown raw IDs (7: 40 px, 12345: 40 px)"),
     "dup.jpg": ("train", "duplicate stem 'dup' (kept dup.png)"),
     "no_mask.png": ("train", "image without mask"),
     "no_image.png": ("train", "mask without image"),
@@ -164,16 +164,15 @@ def test_scan_names_every_bad_file_with_its_reason(scan):
         assert row["split"] == split, name
         # The reason is plain words, not a raw exception dump naming the file a second time.
         assert row["file"] not in row["problem"] and "Error" not in row["problem"], row
-        if name == "unknown_ids.png":
-            assert row["action"].startswith("kept")
-        else:
-            assert row["action"] == "skipped", name
+        assert row["action"] == "skipped", name
     # A broken image is reported by its image path, a broken mask by its mask path.
     for stem in BAD_IMAGE_STEMS:
         assert os.path.basename(os.path.dirname(problems[f"{stem}.png"]["file"])) == "Color_Images", stem
     for stem in BAD_MASK_STEMS:
         assert os.path.basename(os.path.dirname(problems[f"{stem}.png"]["file"])) == "Segmentation", stem
+    # The unknown-ID mask is kept and summarised per value (not a per-file problem).
     assert scan["unknown_raw_ids"] == {"7": 40, "12345": 40}
+    assert {v: (r["pixels"], r["images"]) for v, r in scan["unknown_ids"]["train"].items()} == {"7": (40, 1), "12345": (40, 1)}
 
 
 def test_problems_table_lists_every_bad_file(scan):

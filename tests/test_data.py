@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TRAIN, make_small_dataset, split_dir, stripes_mask, write_pair
+from helpers import TEST, TRAIN, make_small_dataset, split_dir, stripes_mask, write_pair
 from offroadseg.classes import IGNORE_INDEX, INDEX_TO_RAW, RAW_IDS
 from offroadseg.data import DataError, find_dataset, read_image, read_mask, read_raw_mask, write_raw_mask
 
@@ -23,6 +23,46 @@ def test_find_dataset_nested_unzip_and_kaggle_layout(tmp_path):
     ds = find_dataset(tmp_path / "kaggle")
     assert ds.summary() == {"train": 2, "val": 1, "test": 2}
     assert ds.split_dirs["train"] == root / TRAIN / TRAIN / "train"
+
+
+def test_find_dataset_in_kaggles_current_mount_with_doubled_archive_folders(tmp_path):
+    # /kaggle/input/datasets/<owner>/<name>/<zip>/<zip>/train: train is 8 levels below /kaggle.
+    dataset_dir = tmp_path / "kaggle" / "input" / "datasets" / "someone" / "falcon-desert"
+    make_small_dataset(dataset_dir / TRAIN, 2, 1, 0)
+    write_pair(dataset_dir / TEST, "test", "t0")  # <name>/<test zip>/<test zip>/Color_Images
+    for root in (tmp_path / "kaggle", tmp_path / "kaggle" / "input", dataset_dir):
+        ds = find_dataset(root)
+        assert ds.summary() == {"train": 2, "val": 1, "test": 1}, root
+        assert ds.split_dirs["train"] == dataset_dir / TRAIN / TRAIN / "train"
+    ds.require(("train", "val"))  # both there: no error
+
+
+def test_a_dataset_without_train_or_val_says_what_was_found_where(tmp_path):
+    make_small_dataset(tmp_path, 0, 0, 2)
+    ds = find_dataset(tmp_path)
+    with pytest.raises(DataError) as info:
+        ds.require(("train", "val"))
+    message = str(info.value)
+    assert "no 'train' and 'val' split" in message and "training needs both" in message
+    assert f"test        2 pairs  in {split_dir(tmp_path, 'test')}" in message
+    assert "train  not found" in message and "searched" in message and "levels" in message
+
+
+def test_search_is_bounded_and_says_its_bounds(tmp_path, monkeypatch):
+    import offroadseg.data as data
+
+    deep = tmp_path
+    for i in range(data.SEARCH_DEPTH + 2):
+        deep = deep / f"d{i}"
+    make_small_dataset(deep, 1, 1, 0)
+    with pytest.raises(DataError, match=rf"down to {data.SEARCH_DEPTH} levels .*deeper than {data.SEARCH_DEPTH}"):
+        find_dataset(tmp_path)
+    wide = tmp_path / "wide"
+    for i in range(30):
+        (wide / f"f{i:02d}" / "x").mkdir(parents=True)
+    monkeypatch.setattr(data, "SEARCH_FOLDERS", 10)
+    with pytest.raises(DataError, match="stopped after 10 folders: give a folder nearer the dataset"):
+        find_dataset(wide)
 
 
 def test_missing_split_is_none_and_split_raises(tmp_path):

@@ -63,6 +63,9 @@ def test_metrics_rows_and_json(tmp_path):
     table = evaluate.comparison_table([row])
     assert "student" in table and "0.500" in table
     assert math.isclose(row["miou"], 0.5)
+    test = evaluate.split_row(row, scores(confusion_matrix(torch.tensor([2, 2]), torch.tensor([2, 2]))), "test")
+    assert test["split"] == "test" and test["miou"] == 1.0 and test["per_class_iou"]["Dry Grass"] == 1.0
+    assert test["params"] == row["params"] and test["latency_ms"] == row["latency_ms"] and row["split"] == "val"
 
 
 def test_write_predictions_removes_an_earlier_runs_stale_files(tmp_path):

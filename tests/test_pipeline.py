@@ -69,7 +69,9 @@ def test_datasets_from_scan(project):
 
 def test_a_run_made_with_another_profile_or_data_is_refused(project):
     other = make_small_dataset(project / "other", 2, 1, 1)
-    pipeline.start("01_data_scan", run="r", profile="demo", data=project / "data")
+    ctx = pipeline.start("01_data_scan", run="r", profile="demo", data=project / "data")
+    (ctx.run.model_dir("segformer")).mkdir(parents=True)
+    (ctx.run.model_dir("segformer") / "last.pt").write_bytes(b"a trained model")
     with pytest.raises(pipeline.RunMismatch, match=r"run 'r' .* was made with profile 'demo' \(now 'full'\).*run.json"
                                                    r".*new run name"):
         pipeline.start("06_evaluate", run="r", profile="full", data=project / "data")
@@ -92,6 +94,7 @@ def test_data_changed_after_the_scan_is_refused_once_models_exist(project):
     # Nothing trained yet: notebook 01 may simply rescan.
     pipeline.start("01_data_scan", run="r", profile="demo", data=project / "data")
     (ctx.run.dir / "models" / "segformer").mkdir(parents=True)
+    (ctx.run.dir / "models" / "segformer" / "best.pt").write_bytes(b"a trained model")
     for step in ("01_data_scan", "04_ensemble", "06_evaluate"):
         with pytest.raises(pipeline.RunMismatch, match="changed .* since notebook 01 scanned it .*models were trained"):
             pipeline.start(step, run="r", profile="demo", data=project / "data")
@@ -113,3 +116,53 @@ def test_device_augmentation_path_trains_from_the_decode_cache(project):
     history = engine.fit(model, train, val, engine.TrainConfig(epochs=1, batch_size=2, precision="fp32"),
                          project / "run", progress=False, batch_transform=training.batch_augmentation((8, 16)))
     assert len(history) == 1 and history[0]["train_loss"] > 0
+
+
+def _demo_marker(root):
+    """The marker make_demo_desert leaves, without generating the images (only the marker is read)."""
+    from offroadseg import synth
+    from offroadseg.files import write_json
+
+    base = {"version": synth.GENERATOR_VERSION, "size": [960, 540], "seed": 0}
+    write_json(root / synth.MARKER_NAME, {
+        "train": dict(base, domain="default", count=synth.DEMO_COUNTS["train"]),
+        "val": dict(base, domain="default", count=synth.DEMO_COUNTS["val"]),
+        "test": dict(base, domain="novel", count=synth.DEMO_COUNTS["test"]),
+    })
+
+
+def test_demo_floors_apply_only_on_the_demo_desert_with_the_demo_settings(project, capsys):
+    data = project / "data"
+    ctx = pipeline.start("02_train_segformer", run="mine", profile="demo", data=data, epochs=None)
+    assert pipeline.demo_floors_skipped(ctx) == "the data is not the generated demo desert"
+    assert pipeline.demo_check(ctx, "best val mIoU >= 0.45", False, "0.120") is False  # reported, not raised
+    assert "best val mIoU >= 0.45: False  (reported, not asserted: the data is not" in capsys.readouterr().out
+
+    _demo_marker(data)
+    ctx = pipeline.start("02_train_segformer", run="demo-like", profile="demo", data=data, epochs=None)
+    assert pipeline.demo_floors_skipped(ctx) is None
+    assert pipeline.demo_check(ctx, "best val mIoU >= 0.45", True) is True
+    with pytest.raises(AssertionError) as info:
+        pipeline.demo_check(ctx, "best val mIoU >= 0.45", False, "0.120")
+    assert str(info.value) == "demo check failed: best val mIoU >= 0.45 (0.120)"  # one short line
+
+    # A first short run on the demo desert (epochs set in 02) is reported on in every later notebook.
+    ctx = pipeline.start("02_train_segformer", run="short", profile="demo", data=data, epochs=1)
+    assert pipeline.demo_floors_skipped(ctx) == "02_train_segformer ran with epochs set"
+    later = pipeline.start("04_ensemble", run="short", profile="demo", data=data, batch_size=8)
+    assert pipeline.demo_floors_skipped(later) == "02_train_segformer ran with epochs set"
+    full = pipeline.start("02_train_segformer", run="full-demo", profile="full", data=data)
+    assert pipeline.demo_floors_skipped(full) == "profile 'full', not the demo's"
+
+
+def test_a_run_without_a_trained_model_may_be_pointed_at_other_data(project, capsys):
+    # The first try found nothing usable (or crashed before an epoch finished): retrying with the
+    # corrected data under the same run name works, and says so.
+    other = make_small_dataset(project / "fixed", 2, 1, 1)
+    ctx = pipeline.start("01_data_scan", run="r", profile="demo", data=project / "data")
+    (ctx.run.model_dir("segformer")).mkdir(parents=True)  # a folder, but no checkpoint in it
+    again = pipeline.start("01_data_scan", run="r", profile="demo", data=other)
+    assert "holds no trained model yet: it now uses the data in" in capsys.readouterr().out
+    assert again.run.read_manifest()["data_root"] == str(other)
+    with pytest.raises(pipeline.RunMismatch, match="profile 'demo' \\(now 'full'\\)"):
+        pipeline.start("01_data_scan", run="r", profile="full", data=other)

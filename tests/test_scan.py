@@ -9,7 +9,7 @@ from helpers import make_small_dataset, split_dir, stripes_mask, write_pair
 from offroadseg.classes import RAW_IDS
 from offroadseg.files import read_json
 from offroadseg.scan import (class_table, class_weights, load_or_scan, problems_table, sample_weights, scan_dataset,
-                             usable_pairs)
+                             unknown_ids_table, usable_pairs)
 
 
 def _problems(scan):
@@ -59,10 +59,14 @@ def test_bad_pairs_are_reported_and_skipped_not_raised(tmp_path):
     assert "not an image" in problems["notpng.png"]
     assert "named .png but is JPEG" in problems["jpeginside.png"]
     assert problems["lonely.png"] == "image without mask"
-    assert "unknown raw IDs (0: 5 px)" in problems["unknown.png"]
+    # Unknown raw IDs are summarised per split and value, not listed per file as a problem.
+    assert "unknown.png" not in problems
     stems = [img["stem"] for img in scan["splits"]["train"]["images"]]
     assert stems == ["train000", "train001", "unknown"]  # the pair with unknown IDs is kept
     assert scan["unknown_raw_ids"] == {"0": 5}
+    row = scan["unknown_ids"]["train"]["0"]
+    assert row["pixels"] == 5 and row["images"] == 1 and row["examples"][0].endswith("unknown.png")
+    assert "expected in some releases" in unknown_ids_table(scan)
     table = problems_table(scan)
     assert "badsize.png" in table and "skipped" in table
     assert [p.stem for p, _ in usable_pairs(scan, "train")] == stems
@@ -118,3 +122,22 @@ def test_class_table_lists_every_class(tmp_path):
     table = class_table(scan_dataset(tmp_path, workers=1, progress=False))
     for name in ("Trees", "Flowers", "Sky"):
         assert name in table
+
+
+def test_raw_zero_in_every_mask_is_one_summary_row_per_split(tmp_path):
+    """Some releases hold raw value 0 in every mask: one row per split, never one problem per file."""
+    for split, n in (("train", 5), ("val", 3)):
+        for i in range(n):
+            raw = stripes_mask(12, 20)
+            raw[0, : i + 1] = 0
+            if split == "train" and i == 0:
+                raw[1, 0] = 42  # a real stray value stays visible beside the 0s
+            write_pair(tmp_path, split, f"{split}{i}", raw)
+    scan = scan_dataset(tmp_path, workers=1, progress=False)
+    assert scan["problems"] == []
+    assert scan["unknown_ids"]["train"]["0"] == {"pixels": 15, "images": 5, "examples": [
+        str(split_dir(tmp_path, "train") / "Segmentation" / f"train{i}.png") for i in range(3)]}
+    assert scan["unknown_ids"]["val"]["0"]["images"] == 3 and scan["unknown_ids"]["train"]["42"]["images"] == 1
+    table = unknown_ids_table(scan).splitlines()
+    assert len(table) == 1 + 3  # header, train 0, train 42, val 0
+    assert "train0.png" in table[2] and "not in the class table" in table[2]

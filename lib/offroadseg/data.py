@@ -3,8 +3,12 @@
     <root>/.../Offroad_Segmentation_Training_Dataset/{train,val}/{Color_Images,Segmentation}/<stem>.png
     <root>/.../Offroad_Segmentation_testImages/{Color_Images,Segmentation}/<stem>.png
 
-Archives often unzip one level deeper and Kaggle mounts them under
-/kaggle/input/<dataset>/..., so `find_dataset` searches a few levels down.
+Archives often unzip one level deeper (`Offroad_Segmentation_Training_Dataset/
+Offroad_Segmentation_Training_Dataset/train`) and Kaggle mounts datasets at
+/kaggle/input/datasets/<owner>/<name>/..., so `train` can sit 7 levels below the
+folder a user names. `find_dataset` searches breadth first down to SEARCH_DEPTH
+levels and at most SEARCH_FOLDERS folders (so pointing it at a home folder or a disk
+root ends quickly with an error that says the bound instead of walking everything).
 Images and masks pair by file stem.
 """
 
@@ -25,8 +29,13 @@ IMAGE_DIR = "Color_Images"
 MASK_DIR = "Segmentation"
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# How deep below the root to look for split folders (nested unzips, Kaggle's input tree).
-SEARCH_DEPTH = 5
+# How deep below the root to look for split folders: Kaggle's /kaggle/input/datasets/<owner>/<name>/
+# plus a doubled archive folder puts train 7 levels down (8 from /kaggle); 10 leaves room.
+SEARCH_DEPTH = 10
+# At most this many folders are listed, so a root such as / or ~ ends in seconds, not hours.
+SEARCH_FOLDERS = 20_000
+# Folders never worth descending into while looking for a dataset.
+SKIP_FOLDERS = frozenset({"__pycache__", "node_modules", "site-packages"})
 
 
 class DataError(ValueError):
@@ -47,6 +56,7 @@ class Dataset:
     split_dirs: dict[str, Path] = field(default_factory=dict)
     # Files that could not be paired: (path, reason). The scan reports them.
     unpaired: list[tuple[Path, str]] = field(default_factory=list)
+    search: "SearchReport | None" = None  # how far find_dataset looked (for error messages)
 
     def split(self, name: str) -> list[Pair]:
         pairs = getattr(self, name)
@@ -56,6 +66,35 @@ class Dataset:
 
     def summary(self) -> dict[str, int | None]:
         return {name: (None if getattr(self, name) is None else len(getattr(self, name))) for name in SPLITS}
+
+    def describe(self) -> str:
+        """One line per split: where it was found and how many pairs it holds, or that it is missing."""
+        lines = []
+        for name in SPLITS:
+            pairs = getattr(self, name)
+            if pairs is None:
+                lines.append(f"  {name:<5}  not found")
+            else:
+                masks = "" if not pairs or pairs[0][1] is not None else " (images only, no masks)"
+                lines.append(f"  {name:<5}  {len(pairs):>6} pairs{masks}  in {self.split_dirs[name]}")
+        return "\n".join(lines)
+
+    def require(self, splits=("train", "val")) -> None:
+        """DataError naming what was found where unless every split in `splits` is there with pairs.
+
+        Training needs train and val; a search that found only test (a dataset nested deeper than the
+        search goes, a wrong folder) must stop here, not after a scan that looks fine.
+        """
+        missing = [name for name in splits if not getattr(self, name)]
+        if not missing:
+            return
+        what = " and ".join(f"'{name}'" for name in missing)
+        bounds = f" The search {self.search.bounds()}." if self.search is not None else ""
+        raise DataError(
+            f"{self.root}: no {what} split with image/mask pairs found; training needs both train and val. "
+            f"Found:\n{self.describe()}\n{bounds.strip()} Expected .../train/{IMAGE_DIR} and .../train/{MASK_DIR} "
+            f"(and the same under val/): point --data at the folder holding Offroad_Segmentation_Training_Dataset."
+        )
 
 
 def _split_name(folder: Path) -> str | None:
@@ -70,21 +109,53 @@ def _split_name(folder: Path) -> str | None:
     return None
 
 
-def _walk_split_dirs(root: Path, depth: int) -> list[Path]:
-    """Folders under root (to `depth` levels) that hold a Color_Images folder."""
+@dataclass
+class SearchReport:
+    """What a dataset search looked at: for error messages that say where and how far it looked."""
+
+    folders: int = 0  # folders listed
+    deepest: int = 0  # deepest level reached below the root
+    stopped: str | None = None  # why the search ended early, if it did
+
+    def bounds(self) -> str:
+        text = f"searched {self.folders:,} folders down to {self.deepest} levels (limits: {SEARCH_DEPTH} levels, " \
+               f"{SEARCH_FOLDERS:,} folders)"
+        return text + (f"; {self.stopped}" if self.stopped else "")
+
+
+def _walk_split_dirs(root: Path, depth: int | None = None, max_folders: int | None = None,
+                     report: SearchReport | None = None) -> list[Path]:
+    """Folders under root (to `depth` levels, at most `max_folders` listed) that hold a Color_Images folder.
+
+    Breadth first, so the shallowest copy of a split is found first; a folder holding
+    Color_Images is not descended into (its children are the images themselves).
+    """
+    depth = SEARCH_DEPTH if depth is None else depth
+    max_folders = SEARCH_FOLDERS if max_folders is None else max_folders
+    report = report if report is not None else SearchReport()
     found, frontier = [], [root]
-    for _ in range(depth + 1):
+    for level in range(depth + 1):
         next_frontier = []
         for folder in frontier:
+            if report.folders >= max_folders:
+                report.stopped = f"stopped after {max_folders:,} folders: give a folder nearer the dataset"
+                return found
+            report.folders += 1
+            report.deepest = max(report.deepest, level)
             try:
-                children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-            except (PermissionError, NotADirectoryError):
+                children = sorted(p for p in folder.iterdir()
+                                  if not p.name.startswith(".") and p.name not in SKIP_FOLDERS and p.is_dir())
+            except OSError:  # unreadable folder, a file that vanished, a dead mount
                 continue
             if any(c.name == IMAGE_DIR for c in children):
                 found.append(folder)
                 continue
             next_frontier.extend(children)
         frontier = next_frontier
+        if not frontier:
+            break
+    if frontier and report.stopped is None:
+        report.stopped = f"folders deeper than {depth} levels were not searched"
     return found
 
 
@@ -103,7 +174,9 @@ def find_dataset(root: str | os.PathLike) -> Dataset:
     if not any(root.iterdir()):
         raise DataError(f"{root}: folder is empty (unzip the dataset here, or leave --data out for the demo desert)")
     dataset = Dataset(root=root)
-    for folder in _walk_split_dirs(root, SEARCH_DEPTH):
+    report = SearchReport()
+    dataset.search = report
+    for folder in _walk_split_dirs(root, report=report):
         split = _split_name(folder)
         if split is None:
             continue
@@ -117,8 +190,9 @@ def find_dataset(root: str | os.PathLike) -> Dataset:
         dataset.unpaired.extend(unpaired)
     if not dataset.split_dirs:
         raise DataError(
-            f"{root}: no dataset in the Duality layout found within {SEARCH_DEPTH} levels "
-            f"(expected e.g. .../train/{IMAGE_DIR}/*.png and .../train/{MASK_DIR}/*.png)"
+            f"{root}: no dataset in the Duality layout found ({report.bounds()}); expected e.g. "
+            f".../train/{IMAGE_DIR}/*.png with .../train/{MASK_DIR}/*.png, .../val/... and "
+            f".../Offroad_Segmentation_testImages/{IMAGE_DIR}/*.png. Give the folder the archives were unzipped into."
         )
     return dataset
 

@@ -91,6 +91,13 @@ def metrics_row(model: str, result: dict, params: int | None, latency: dict | No
     }
 
 
+def split_row(row: dict, result: dict, split: str) -> dict:
+    """The metrics row of the same model scored on another split: `row`'s params and timings
+    (they do not depend on the data), `result`'s scores."""
+    return {**row, "miou": result["miou"], "pixel_acc": result["pixel_acc"],
+            "per_class_iou": per_class(result["iou"]), "split": split}
+
+
 def write_metrics(path, rows: list[dict], **context) -> dict:
     """metrics.json, atomically; `context` (run, profile, data root, ...) goes beside the rows."""
     content = {"version": METRICS_VERSION, **context, "models": rows}

@@ -123,7 +123,8 @@ def snapshot(run: Run) -> Path | None:
     def skip(folder, names):  # earlier snapshots and unfinished temporary files stay out
         top = Path(folder) == run.dir
         # The decode cache is rebuilt from the data whenever needed: no need to keep it.
-        return [n for n in names if (top and n in ("earlier", "cache")) or (n.startswith(".") and n.endswith(".tmp"))]
+        # The lock belongs to the runner holding it now, not to the run as it was.
+        return [n for n in names if (top and n in ("earlier", "cache", "lock")) or (n.startswith(".") and n.endswith(".tmp"))]
 
     shutil.copytree(run.dir, target, copy_function=link, ignore=skip)
     return target

@@ -4,7 +4,9 @@ What it checks, per pair: image and mask both present, non-empty, really PNG
 (or JPEG) and not truncated, the mask single-channel, image and mask the same
 size, raw IDs outside the class table (counted; those pixels become ignore).
 A pair with a problem that makes it unusable is skipped and listed, never a
-crash; unknown raw IDs are reported but keep the pair.
+crash; unknown raw IDs keep the pair and are summarised per split and value
+(pixels, images, a few example files) rather than listed once per file, since
+some releases hold raw value 0 in every mask.
 
 Weights (computed on the usable train pairs only):
 - class weights: w_c = f_c^-1/2 / sum_k f_k^1/2, with f_c the share of labelled
@@ -36,7 +38,8 @@ from .classes import CLASS_NAMES, COLORS, NUM_CLASSES, RAW_IDS
 from .data import SPLITS, DataError, Dataset, find_dataset, read_raw_mask, too_large, truncation
 from .files import read_json, write_json
 
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: unknown raw IDs summarised per split (unknown_ids), not per file
+UNKNOWN_EXAMPLES = 3
 MIN_PRESENCE_PIXELS = 16
 SAMPLE_WEIGHT_CAP = 10.0
 PRESENCE_REFERENCE = 0.5
@@ -197,15 +200,12 @@ def _summarise(dataset: Dataset, records: dict[str, list], seconds: float) -> di
     for path, reason in dataset.unpaired:
         split = next((s for s, d in dataset.split_dirs.items() if Path(d) in Path(path).parents), "?")
         problems.append({"split": split, "file": str(path), "problem": reason, "action": "skipped"})
+    unknown_by_split = _unknown_ids(records)
     unknown_total: dict[str, int] = {}
-    for split in SPLITS:
-        for record in records[split]:
-            if record.get("unknown"):
-                for value, count in record["unknown"].items():
-                    unknown_total[value] = unknown_total.get(value, 0) + count
-                listed = ", ".join(f"{v}: {c} px" for v, c in sorted(record["unknown"].items(), key=lambda kv: int(kv[0])))
-                problems.append({"split": split, "file": record["mask"], "problem": f"unknown raw IDs ({listed})",
-                                 "action": "kept; those pixels ignored (255)"})
+    for per_split in unknown_by_split.values():
+        for value, row in per_split.items():
+            unknown_total[value] = unknown_total.get(value, 0) + row["pixels"]
+    unknown_total = dict(sorted(unknown_total.items(), key=lambda kv: int(kv[0])))
     splits = {}
     for split in SPLITS:
         usable = [r for r in records[split] if r["usable"]]
@@ -234,12 +234,53 @@ def _summarise(dataset: Dataset, records: dict[str, list], seconds: float) -> di
         "splits": splits,
         "problems": problems,
         "unknown_raw_ids": unknown_total,
+        "unknown_ids": unknown_by_split,
         "class_weights": class_weights(splits["train"]["class_pixels"]),
         "class_weights_formula": "w_c = f_c^-0.5 / sum_k f_k^0.5 (f_c: share of labelled train pixels); pixel-averaged weight 1",
         "sample_weights": weights_per_sample,
         "sample_weight_class_factors": factors,
         "sample_weights_formula": f"max over classes in the image of clip({PRESENCE_REFERENCE} / p_c, 1, {SAMPLE_WEIGHT_CAP:g}); p_c: fraction of train images with >= {MIN_PRESENCE_PIXELS} px of class c",
     }
+
+
+def _unknown_ids(records: dict[str, list]) -> dict[str, dict[str, dict]]:
+    """Per split, each raw value outside the class table: pixels, images holding it, a few example masks.
+
+    One summary row per value instead of one problem per file: raw value 0 is in every mask of some
+    releases, and 2,857 identical rows would hide the real faults in the problems table.
+    """
+    out: dict[str, dict[str, dict]] = {}
+    for split in SPLITS:
+        rows: dict[str, dict] = {}
+        for record in records[split]:
+            for value, count in (record.get("unknown") or {}).items():
+                row = rows.setdefault(value, {"pixels": 0, "images": 0, "examples": []})
+                row["pixels"] += count
+                row["images"] += 1
+                if len(row["examples"]) < UNKNOWN_EXAMPLES:
+                    row["examples"].append(record["mask"])
+        if rows:
+            out[split] = dict(sorted(rows.items(), key=lambda kv: int(kv[0])))
+    return out
+
+
+def unknown_ids_table(scan: dict) -> str:
+    """The unknown raw IDs as a plain-text table: one row per split and value."""
+    by_split = scan.get("unknown_ids") or {}
+    if not by_split:
+        return "no raw IDs outside the class table"
+    lines = [f"{'split':<6} {'raw ID':>7} {'pixels':>14} {'images':>7}  note"]
+    for split, rows in by_split.items():
+        images = max(1, scan["splits"][split]["pairs_found"])
+        for value, row in rows.items():
+            if int(value) == 0:
+                note = "expected in some releases (unlabelled pixels); ignored (255)"
+            else:
+                example = Path(row["examples"][0]).name if row["examples"] else "?"
+                note = f"not in the class table; ignored (255); e.g. {example}"
+            lines.append(f"{split:<6} {value:>7} {row['pixels']:>14,} {row['images']:>7}  "
+                         f"{note} ({100 * row['images'] / images:.0f}% of {split} masks)")
+    return "\n".join(lines)
 
 
 def load_or_scan(data_root: str | os.PathLike, scan_path: str | os.PathLike, workers: int | None = None,

@@ -867,6 +867,20 @@ def make_demo_desert(root: str | os.PathLike, counts: dict[str, int] | None = No
     }
 
 
+def is_demo_desert(root: str | os.PathLike) -> bool:
+    """True when `root` holds the demo desert exactly as `make_demo_desert(root)` writes it by default.
+
+    The notebooks' quality floors are calibrated on that desert alone; a user's data, or a
+    desert generated with other counts, sizes or seeds, is reported on, never asserted on.
+    """
+    marker = _read_marker(Path(root).expanduser() / MARKER_NAME)
+    base = {"version": GENERATOR_VERSION, "size": [960, 540], "seed": 0}
+    wanted = {"train": dict(base, domain="default", count=DEMO_COUNTS["train"]),
+              "val": dict(base, domain="default", count=DEMO_COUNTS["val"]),
+              "test": dict(base, domain="novel", count=DEMO_COUNTS["test"])}
+    return all(marker.get(split) == record for split, record in wanted.items())
+
+
 def _run_jobs(jobs: list[tuple], workers: int | None, progress: bool, desc: str) -> None:
     from tqdm.auto import tqdm
 
