@@ -45,7 +45,7 @@ def test_a_dataset_without_train_or_val_says_what_was_found_where(tmp_path):
     message = str(info.value)
     assert "no 'train' and 'val' split" in message and "training needs both" in message
     assert f"test        2 pairs  in {split_dir(tmp_path, 'test')}" in message
-    assert "train  not found" in message and "searched" in message and "levels" in message
+    assert "train  not found" in message and "The search listed 2 folders down to 1 levels" in message
 
 
 def test_search_is_bounded_and_says_its_bounds(tmp_path, monkeypatch):

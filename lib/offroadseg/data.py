@@ -89,10 +89,10 @@ class Dataset:
         if not missing:
             return
         what = " and ".join(f"'{name}'" for name in missing)
-        bounds = f" The search {self.search.bounds()}." if self.search is not None else ""
+        bounds = f"The search {self.search.bounds()}. " if self.search is not None else ""
         raise DataError(
             f"{self.root}: no {what} split with image/mask pairs found; training needs both train and val. "
-            f"Found:\n{self.describe()}\n{bounds.strip()} Expected .../train/{IMAGE_DIR} and .../train/{MASK_DIR} "
+            f"Found:\n{self.describe()}\n{bounds}Expected .../train/{IMAGE_DIR} and .../train/{MASK_DIR} "
             f"(and the same under val/): point --data at the folder holding Offroad_Segmentation_Training_Dataset."
         )
 
@@ -118,7 +118,7 @@ class SearchReport:
     stopped: str | None = None  # why the search ended early, if it did
 
     def bounds(self) -> str:
-        text = f"searched {self.folders:,} folders down to {self.deepest} levels (limits: {SEARCH_DEPTH} levels, " \
+        text = f"listed {self.folders:,} folders down to {self.deepest} levels (limits: {SEARCH_DEPTH} levels, " \
                f"{SEARCH_FOLDERS:,} folders)"
         return text + (f"; {self.stopped}" if self.stopped else "")
 
