@@ -74,7 +74,7 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cpu":
         return tensor
-    if device.type == "cuda":
+    if device.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 

@@ -644,8 +644,8 @@ def trial_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
 def _trial_line(model: nn.Module, train_set: Dataset, config: TrainConfig, accelerator: Accelerator, memory_format,
                 batch_transform, loss) -> str:
     """One line before training: parameters, batch and input size, and on CUDA a trial step's peak memory."""
-    image, mask = train_set[0]
-    with torch.random.fork_rng(devices=[]):  # a batch_transform draws from the global generator
+    with torch.random.fork_rng(devices=[]):  # augmentation draws from the global generator
+        image, mask = train_set[0]
         batch = config.batch_size if accelerator.device.type == "cuda" else 1
         images = image.unsqueeze(0).repeat(batch, *[1] * image.ndim).to(accelerator.device)
         masks = torch.as_tensor(mask).unsqueeze(0).repeat(batch, *[1] * mask.ndim).to(accelerator.device)
@@ -706,6 +706,8 @@ def fit(
     """
     if len(val_set) == 0:
         raise ValueError("the val set is empty; fit needs one to measure mIoU")
+    if config.sync_every < 1:
+        raise ValueError(f"sync_every must be at least 1 (steps between reads of the losses), got {config.sync_every}")
     out_dir = Path(out_dir)
     last_path = out_dir / "last.pt"
     accelerator = make_accelerator(resolve_precision(config.precision))
@@ -774,12 +776,11 @@ def fit(
         else:
             say(f"resuming {resume_path} at epoch {start_epoch}/{config.epochs}")
 
-    if config.sync_every < 1:
-        raise ValueError(f"sync_every must be at least 1, got {config.sync_every}")
     cudnn_benchmark = _training_backends(accelerator.device)
-    if start_epoch <= config.epochs:
-        say(_trial_line(unwrapped, train_set, config, accelerator, memory_format, batch_transform,
-                        step_loss or (lambda m, x, y: loss_fn(m(x), y))))
+    if start_epoch <= config.epochs:  # a batch too large for the GPU shows here, in seconds
+        with out_of_memory_advice(config, None, start_epoch, 0, out_dir):
+            say(_trial_line(unwrapped, train_set, config, accelerator, memory_format, batch_transform,
+                            step_loss or (lambda m, x, y: loss_fn(m(x), y))))
     skips = _SkippedSteps(config, out_dir, skipped_steps, accelerator.scaler, warn=accelerator.is_main_process)
 
     for epoch in range(start_epoch, config.epochs + 1):
