@@ -340,7 +340,8 @@ def test_trial_step_leaves_the_model_as_it_was(monkeypatch):
     # A stand-in for CUDA's memory statistics, to run the measuring branch on the CPU.
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"total_memory": 16 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Properties", (), {"total_memory": 16 * 2**30}))
     info = engine.trial_step(model, images, masks, lambda m, x, y: cross_entropy(m(x), y), measure_memory=True)
     assert info == {"parameters": sum(p.numel() for p in model.parameters()),
                     "trainable": sum(p.numel() for p in model.parameters()), "batch": 8, "input": (3, 16, 16),

@@ -229,7 +229,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     cpu = not torch.cuda.is_available()
     # non_blocking: batches go to the GPU from pinned memory without the host waiting for the
     # copy (a blocking copy is a host sync per batch, which leaves the GPU idle meanwhile).
-    settings = dict(mixed_precision=mixed_precision, cpu=cpu, dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    settings = dict(mixed_precision=mixed_precision, cpu=cpu,
+                    dataloader_config=DataLoaderConfiguration(non_blocking=True))
     try:
         return Accelerator(**settings)
     except ValueError as err:
@@ -814,8 +815,8 @@ def fit(
                                     refresh=False)
         skips.read()
         bar.close()
+        train_loss, images_seen = stats.totals(accelerator)  # a host read: the epoch's device work is done
         train_seconds = time.perf_counter() - started
-        train_loss, images_seen = stats.totals(accelerator)
         epoch_skipped, skipped_steps = skips.in_epoch, skips.total
 
         # DDP copies process 0's BatchNorm buffers at the start of each forward, so after the
