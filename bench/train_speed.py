@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda, cuda:1 ...")
     parser.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto: on for CUDA")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True "
-                        "(engine.fit does not set it)")
+                        "(engine.fit sets it when training on CUDA)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64x96, batch 2, 1 step, 1 warm-up")
     parser.add_argument("--out", default=None, help="JSON results path (default bench/results/train_speed.json)")
     args = parser.parse_args(argv)

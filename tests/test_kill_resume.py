@@ -17,7 +17,8 @@ from offroadseg.engine import load_checkpoint
 from offroadseg.files import read_json
 
 CHILD = Path(__file__).with_name("kill_resume_child.py")
-# 16 train + 4 val samples per epoch: the 26th sample served is the 6th of epoch 2's training.
+# fit reads one sample for its size line, then 16 train + 4 val samples per epoch: the 26th
+# sample served is the 5th of epoch 2's training.
 KILL_AFTER = 26
 
 

@@ -36,6 +36,7 @@ resizes, jitters and normalises the batch:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -56,17 +57,39 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_COLOUR = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on `device`, made there once: `torch.tensor(..., device=cuda)` is a
+    blocking host-to-device copy, a host sync, every time. Read-only (never modify it in place)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting: pinned, then copied with non_blocking.
+
+    A plain `.to(cuda)` from pageable memory blocks until the GPU has done all queued work.
+    (The pinned buffer is not reused before the copy is done: torch's pinned-memory allocator
+    records the copy.)
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """Float image(s) in [0, 1], shape (..., 3, H, W) -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    mean = _constant(IMAGENET_MEAN, image.dtype, image.device).view(3, 1, 1)
+    std = _constant(IMAGENET_STD, image.dtype, image.device).view(3, 1, 1)
     return (image - mean) / std
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
     """Inverse of `normalize`: back to [0, 1] (not clamped), shape (..., 3, H, W)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    mean = _constant(IMAGENET_MEAN, image.dtype, image.device).view(3, 1, 1)
+    std = _constant(IMAGENET_STD, image.dtype, image.device).view(3, 1, 1)
     return image * std + mean
 
 
@@ -206,7 +229,8 @@ class AugmentParams:
     order: torch.Tensor
 
     def to(self, device) -> AugmentParams:
-        return AugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """On `device`, copied from pinned memory without blocking the host (see `_to_device`)."""
+        return AugmentParams(**{f.name: _to_device(getattr(self, f.name), device) for f in fields(self)})
 
 
 class BatchAugment:
@@ -314,7 +338,7 @@ class BatchAugment:
         frame = F.affine_grid(theta, [batch, 1, out_h, out_w], align_corners=False)  # (B, h, w, 2)
         # Frame -> input, in grid_sample's [-1, 1] coordinates (align_corners=False).
         stretch = torch.stack([crop_w / out_w, crop_h / out_h], 1)  # input pixels per frame pixel
-        per_pixel = torch.tensor([2.0 / width, 2.0 / height], device=device)
+        per_pixel = _constant((2.0 / width, 2.0 / height), torch.float32, device)
         centre = torch.stack([left + crop_w / 2, top + crop_h / 2], 1) * per_pixel - 1
         grid = frame * (stretch * per_pixel)[:, None, None] + centre[:, None, None]
 
@@ -332,13 +356,13 @@ class BatchAugment:
                                align_corners=False)[:, 0]
         labels = torch.where(inside, labels.round().long(), IGNORE_INDEX)
 
-        fill = torch.tensor(_MEAN_COLOUR, dtype=torch.float32, device=device).view(1, 3, 1, 1) / 255
+        fill = _constant(tuple(c / 255 for c in _MEAN_COLOUR), torch.float32, device).view(1, 3, 1, 1)
         image = images.float().div_(255).sub_(fill)
         # Whether any sample shrinks is read from the CPU parameters: no GPU sync.
         shrinks = bool(((params.box[:, 2] > out_h) | (params.box[:, 3] > out_w)).any())
         image = fill + weight[:, None] * self._sample_image(image, grid, stretch, per_pixel, shrinks)
         if params.jitter.any():
-            image = _colour_jitter(image, params)
+            image = _colour_jitter(image, params, p)
         return normalize(image), labels
 
     def _sample_image(self, image, grid, stretch, per_pixel, shrinks: bool):
@@ -390,37 +414,38 @@ def _shift_hue(image: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
                          torch.where(channel == 1, (b - r) / safe + 2, (r - g) / safe + 4))
     sixths = (sixths + 6 * turns.view(-1, 1, 1)) % 6
     # HSV -> RGB: channel n (5, 3, 1 for R, G, B) is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6.
-    k = (torch.tensor([5.0, 3.0, 1.0], device=image.device).view(1, 3, 1, 1) + sixths[:, None]) % 6
+    k = (_constant((5.0, 3.0, 1.0), image.dtype, image.device).view(1, 3, 1, 1) + sixths[:, None]) % 6
     return value[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def _colour_jitter(image: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+def _colour_jitter(image: torch.Tensor, params: AugmentParams, on_device: AugmentParams) -> torch.Tensor:
     """ColorJitter per sample, in each sample's own order; samples without jitter are left untouched.
 
     At each of the four steps the samples whose step is the same operation go
-    through it together. Selection happens on the CPU parameters (no GPU sync);
-    only the chosen indices and factors travel to the device.
+    through it together. Selection happens on the CPU parameters `params` (no GPU
+    sync); the chosen indices travel to the device in one non-blocking copy, and
+    the factors are taken from `on_device`, the same parameters already there.
     """
     order, jitter = params.order.cpu(), params.jitter.cpu()
-    factors = {BRIGHTNESS: params.brightness.cpu(), CONTRAST: params.contrast.cpu(),
-               SATURATION: params.saturation.cpu(), HUE: params.hue.cpu()}
-    for step in range(4):
-        for op in range(4):
-            chosen = (jitter & (order[:, step] == op)).nonzero()[:, 0]
-            if chosen.numel() == 0:
-                continue
-            factor = factors[op][chosen].to(image.device, torch.float32).view(-1, 1, 1, 1)
-            chosen = chosen.to(image.device)
-            x = image[chosen]
-            if op == BRIGHTNESS:
-                x = factor * x
-            elif op == CONTRAST:
-                x = factor * x + (1 - factor) * _grey(x).mean(dim=(-2, -1), keepdim=True)
-            elif op == SATURATION:
-                x = factor * x + (1 - factor) * _grey(x)
-            else:
-                x = _shift_hue(x, factor.view(-1))
-            image[chosen] = x.clamp(0, 1)
+    groups = [(op, (jitter & (order[:, step] == op)).nonzero()[:, 0]) for step in range(4) for op in range(4)]
+    groups = [(op, chosen) for op, chosen in groups if chosen.numel()]
+    if not groups:
+        return image
+    indices = _to_device(torch.cat([chosen for _, chosen in groups]), image.device)
+    factors = {BRIGHTNESS: on_device.brightness, CONTRAST: on_device.contrast,
+               SATURATION: on_device.saturation, HUE: on_device.hue}
+    for (op, _), chosen in zip(groups, indices.split([len(chosen) for _, chosen in groups])):
+        factor = factors[op][chosen].to(torch.float32).view(-1, 1, 1, 1)
+        x = image[chosen]
+        if op == BRIGHTNESS:
+            x = factor * x
+        elif op == CONTRAST:
+            x = factor * x + (1 - factor) * _grey(x).mean(dim=(-2, -1), keepdim=True)
+        elif op == SATURATION:
+            x = factor * x + (1 - factor) * _grey(x)
+        else:
+            x = _shift_hue(x, factor.view(-1))
+        image[chosen] = x.clamp(0, 1)
     return image
 
 

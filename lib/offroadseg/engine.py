@@ -16,10 +16,15 @@ Every file is replaced atomically, and every read checks the CRC32 of each of th
 members first (torch.load itself reads flipped bytes without complaint), so a damaged file
 is reported as such, never loaded as if it were fine.
 
-Faults: a non-finite loss or gradient skips the step with a warning; `max_bad_steps` of them
-in a row stop training (`TrainingDiverged`) with advice. Running out of memory stops it with a
-message suggesting a smaller batch or input size. Either way last.pt holds the last finished
-epoch.
+Faults: a non-finite loss or gradient skips the step with a warning (with fp16, so does a step the
+grad scaler skips as an overflow); `max_bad_steps` of them in a row stop training
+(`TrainingDiverged`) with advice. Running out of memory stops it with a message suggesting a
+smaller batch or input size. Either way last.pt holds the last finished epoch.
+
+No host sync per step: a step's loss and its verdict (applied, or skipped and why) stay on the
+device, and the update of a bad step is dropped by the fused AdamW kernel itself (`_guarded_step`).
+The host reads them every `sync_every` steps, every step while a run of bad steps is open, and
+at the epoch's end (`_SkippedSteps`, `_StepStats`), so the GPU is never left waiting for Python.
 
 Multi-GPU: run `fit` under `accelerate launch` / torchrun, or from a notebook through
 `launch(fn, args)`. `batch_size` is per process, so the global batch is batch_size x
@@ -27,14 +32,17 @@ processes; the learning-rate schedule is counted in single-process batches (acce
 steps the scheduler once per process per optimizer step), so it spans the same epochs
 whatever the number of processes.
 
-Reproducibility: the order of each epoch's samples and the data workers' seeds are pure
-functions of (seed, epoch), and the other RNG states are saved in every checkpoint, so a
-run stopped after epoch k and resumed ends with the same weights as one that never stopped
-(exactly on CPU; GPU kernels may add float noise).
+Reproducibility: the order of each epoch's samples is a pure function of (seed, epoch), the
+same on every process; every other random draw of an epoch (augmentation, loader workers' seeds,
+dropout and drop-path masks) comes from generators seeded at the epoch's start from (seed, epoch,
+process index): under DDP each GPU augments its own way, and a run stopped after epoch k and
+resumed ends with the same weights as one that never stopped (exactly on CPU; GPU kernels may
+add float noise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import zipfile
@@ -50,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -80,11 +88,13 @@ class TrainConfig:
     max_bad_steps: int = 5  # this many non-finite steps in a row stop training (TrainingDiverged)
     channels_last: bool | None = None  # NHWC activations (tensor cores' layout); None = on CUDA only
     compile: bool = False  # torch.compile the model: minutes of compiling, so it pays only on long GPU runs
+    sync_every: int = 50  # read the steps' losses and skip verdicts from the device every this many steps
 
 
 # Settings a resumed run may change; all others (and the model spec, number of processes
 # and train-set size) must match last.pt, or resuming would silently train a different run.
-RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "max_bad_steps", "channels_last", "compile")
+RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "max_bad_steps", "channels_last", "compile",
+                     "sync_every")
 
 
 class CheckpointError(RuntimeError):
@@ -103,10 +113,24 @@ def cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- data order
 
 
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    # Independent, well-mixed seeds per (run seed, epoch, use); resuming at epoch e
+def _epoch_seed(seed: int, epoch: int, stream: int, rank: int | None = None) -> int:
+    # Independent, well-mixed seeds per (run seed, epoch, use[, process]); resuming at epoch e
     # therefore redraws exactly what an uninterrupted run drew at epoch e.
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+    entropy = [seed, epoch, stream] + ([] if rank is None else [rank])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int, worker_seeds: torch.Generator) -> None:
+    """Seed process `rank`'s random draws of `epoch` (all but the sample order) from (seed, epoch, rank).
+
+    Per process: seeded alike, every GPU would draw the same crops, flips and jitter
+    (`augment.BatchAugment` and the per-sample transforms draw from torch's global generator,
+    the loader workers from `worker_seeds`) and the same dropout / drop-path masks. Per epoch: a
+    run resumed at epoch e draws what an uninterrupted run drew there. The sample order stays
+    common to all processes (EpochSampler, stream 0), which then train on disjoint shards of it.
+    """
+    worker_seeds.manual_seed(_epoch_seed(seed, epoch, 1, rank))
+    set_seed(_epoch_seed(seed, epoch, 2, rank))  # python, numpy, torch CPU and CUDA generators
 
 
 class EpochSampler(Sampler[int]):
@@ -203,15 +227,19 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     # cpu=True where there is no CUDA GPU, so that a CPU launch with torchrun / accelerate
     # launch runs DDP over gloo instead of falling back to one process.
     cpu = not torch.cuda.is_available()
+    # non_blocking: batches go to the GPU from pinned memory without the host waiting for the
+    # copy (a blocking copy is a host sync per batch, which leaves the GPU idle meanwhile).
+    settings = dict(mixed_precision=mixed_precision, cpu=cpu,
+                    dataloader_config=DataLoaderConfiguration(non_blocking=True))
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        return Accelerator(**settings)
     except ValueError as err:
         # Accelerate keeps its state per process; in a single process (a notebook that trains
         # one model in bf16, then another in fp32) it is safe to start it over.
         if "already been initialized" not in str(err) or PartialState().num_processes > 1:
             raise
         AcceleratorState._reset_state()
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        return Accelerator(**settings)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -408,6 +436,239 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+# --------------------------------------------------------------------- the training step
+
+# A step's verdict, a device tensor: applied, or skipped and why (read by _SkippedSteps).
+STEP_APPLIED, BAD_LOSS, BAD_GRADIENTS, FP16_OVERFLOW = 0, 1, 2, 3
+
+
+def _guarded_step(model: nn.Module, optimizer, accelerator: Accelerator, images: torch.Tensor, masks: torch.Tensor,
+                  loss_fn, step_loss, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step that applies itself only if its loss and gradients are finite; no host sync.
+
+    Returns (loss, verdict), both device tensors. Forward and backward always run; a bad
+    verdict is the `found_inf` input of the fused AdamW kernel (the one torch's grad scaler
+    feeds), which then leaves parameters, moments and step counts as they were: the step is
+    skipped without the host ever reading the verdict. Under DDP the loss's finiteness is
+    agreed by an all-reduce and the gradients are the all-reduced ones, so every process
+    skips the same steps. With fp16 the grad scaler unscales first; a step it would skip as an
+    overflow (non-finite unscaled gradients) is FP16_OVERFLOW, and its update() shrinks the scale.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with accelerator.autocast():
+        loss = step_loss(model, images, masks) if step_loss is not None else loss_fn(model(images), masks)
+    loss = loss.float()
+    loss_ok = torch.isfinite(loss.detach())
+    if accelerator.num_processes > 1:
+        agreed = accelerator.reduce(loss_ok.float().reshape(1), reduction="sum")
+        loss_ok = agreed[0] == accelerator.num_processes
+    accelerator.backward(loss)
+
+    # The plain optimizer, stepped here rather than through accelerate's wrapper: with a grad
+    # scaler the wrapper would call scaler.step, which decides on the gradients alone.
+    inner = optimizer.optimizer
+    scaler = accelerator.scaler
+    if scaler is not None:
+        scaler.unscale_(inner)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    if grad_clip > 0:  # for single-process and DDP runs all accelerate's clip_grad_norm_ does (plus the unscale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    bad_gradients = FP16_OVERFLOW if scaler is not None else BAD_GRADIENTS
+    verdict = torch.where(loss_ok, torch.where(torch.isfinite(grad_norm), STEP_APPLIED, bad_gradients), BAD_LOSS)
+    inner.found_inf = (verdict != STEP_APPLIED).float()
+    try:
+        inner.step()
+    finally:
+        del inner.found_inf
+    if scaler is not None:
+        scaler.update()
+    return loss.detach(), verdict
+
+
+def _fused_after_load(optimizer) -> None:
+    """Keep the AdamW fused after loading a state saved by a non-fused one (checkpoints of earlier
+    versions): load_state_dict takes the saved groups' flags, and the fused step wants its step
+    counts on the parameters' device."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
+
+
+@dataclass
+class _StepStats:
+    """One epoch's training sums, kept on the device: read for the progress bar and at the epoch's end."""
+
+    loss_sum: torch.Tensor  # float64 sum of the applied steps' losses
+    steps: torch.Tensor  # applied steps
+    images: torch.Tensor  # images trained on, skipped steps included
+
+    @classmethod
+    def zeros(cls, device) -> _StepStats:
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)))
+
+    def add(self, loss: torch.Tensor, verdict: torch.Tensor, images: int) -> None:
+        applied = verdict == STEP_APPLIED
+        self.loss_sum += torch.where(applied, loss.double(), 0.0)  # a skipped step's NaN stays out
+        self.steps += applied
+        self.images += images
+
+    def mean_loss(self) -> float:
+        """This process's mean loss so far (a host read)."""
+        loss_sum, steps = torch.stack([self.loss_sum, self.steps]).tolist()
+        return loss_sum / steps if steps > 0 else math.nan
+
+    def totals(self, accelerator: Accelerator) -> tuple[float, float]:
+        """(mean loss over all processes' applied steps, images over all processes): one host read."""
+        loss_sum, steps, images = accelerator.reduce(torch.stack([self.loss_sum, self.steps, self.images]),
+                                                     reduction="sum").tolist()
+        return (loss_sum / steps if steps > 0 else math.nan), images
+
+
+class _SkippedSteps:
+    """The skip rule's host side: reads the steps' verdicts, then counts, warns and stops.
+
+    `record` keeps each step's verdict on the device; `due` says when to `read` them: every
+    `sync_every` steps, and every step while a run of bad steps is open (so a diverging run
+    stops at the step where it reaches `max_bad_steps` in a row, as when every step was read);
+    the epoch's end reads the rest. A read replays the verdicts in order: a warning per skipped
+    step, the counts, and TrainingDiverged at `max_bad_steps` in a row. Every process holds the
+    same verdicts (see `_guarded_step`), so all stop at the same read.
+    """
+
+    def __init__(self, config: TrainConfig, out_dir: Path, skipped: int, scaler, warn: bool):
+        self.config, self.out_dir, self.scaler, self.warn = config, out_dir, scaler, warn
+        self.total = skipped  # over the whole run, resumed epochs included
+        self.in_epoch = 0
+        self.in_a_row = 0  # bad steps since the last applied one; runs on across epochs
+        self.pending: list[tuple[int, int, torch.Tensor]] = []  # (epoch, step, verdict) not read yet
+
+    def start_epoch(self) -> None:
+        self.in_epoch = 0
+
+    def record(self, epoch: int, step: int, verdict: torch.Tensor) -> None:
+        self.pending.append((epoch, step, verdict))
+
+    def due(self) -> bool:
+        return len(self.pending) >= self.config.sync_every or (self.in_a_row > 0 and bool(self.pending))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        verdicts = torch.stack([verdict for _, _, verdict in pending]).tolist()  # the one host sync
+        for (epoch, step, _), verdict in zip(pending, verdicts):
+            if verdict == STEP_APPLIED:
+                self.in_a_row = 0
+                continue
+            self.total += 1
+            self.in_epoch += 1
+            self.in_a_row += 1
+            what = self._describe(verdict)
+            if self.in_a_row >= self.config.max_bad_steps:
+                raise TrainingDiverged(diverged_message(self.config, what, self.in_a_row, epoch, step, self.out_dir))
+            if self.warn:
+                warnings.warn(f"epoch {epoch} step {step + 1}: non-finite {what}, step skipped "
+                              f"({self.total} skipped so far)", RuntimeWarning, stacklevel=3)
+
+    def _describe(self, verdict: int) -> str:
+        if verdict == BAD_LOSS:
+            return "loss"
+        if verdict == FP16_OVERFLOW:
+            return (f"gradients (an fp16 overflow: the grad scaler skipped the step, its scale is now "
+                    f"{self.scaler.get_scale():g})")
+        return "gradients"
+
+
+def _training_backends(device: torch.device) -> bool:
+    """Settings for fixed-size training on `device`; returns cudnn.benchmark's previous value.
+
+    On CUDA, cudnn.benchmark times the convolution algorithms once per input shape and keeps
+    the fastest: a win when every batch has the training size (a few slow first steps).
+    """
+    previous = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return previous
+
+
+def trial_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
+               loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               measure_memory: bool | None = None) -> dict:
+    """One forward + backward of `model` on a training batch, undone: memory and size up front.
+
+    `loss(model, images, masks)` is the step's loss (run under `autocast()`). Returns
+    {"parameters", "trainable", "batch", "input" (C, H, W), "peak_bytes", "device_bytes"}; the
+    last two are the peak of torch.cuda.max_memory_allocated during the step and the GPU's
+    memory, measured when `measure_memory` (default: the images are on CUDA), else None. The
+    peak leaves out the optimizer's moments (2 x the trainable parameters in fp32, allocated at
+    the first real step) and DDP's gradient buckets. The model comes back as it was: no
+    optimizer step, gradients as before, buffers (BatchNorm statistics) restored, and the
+    random generators as before (dropout draws are undone too).
+    """
+    if measure_memory is None:
+        measure_memory = images.device.type == "cuda"
+    params = list(model.parameters())
+    result = {"parameters": sum(p.numel() for p in params),
+              "trainable": sum(p.numel() for p in params if p.requires_grad),
+              "batch": images.shape[0], "input": tuple(images.shape[1:]), "peak_bytes": None, "device_bytes": None}
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    grads = [p.grad for p in params]
+    cuda_devices = [images.device.index or 0] if images.device.type == "cuda" else []
+    if measure_memory:
+        torch.cuda.reset_peak_memory_stats(images.device)
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            for p in params:
+                p.grad = None
+            with autocast():
+                value = loss(model, images, masks)
+            value.float().backward()
+            del value
+        if measure_memory:
+            result["peak_bytes"] = torch.cuda.max_memory_allocated(images.device)
+            result["device_bytes"] = torch.cuda.get_device_properties(images.device).total_memory
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for p, grad in zip(params, grads):
+            p.grad = grad
+    return result
+
+
+def _trial_line(model: nn.Module, train_set: Dataset, config: TrainConfig, accelerator: Accelerator, memory_format,
+                batch_transform, loss) -> str:
+    """One line before training: parameters, batch and input size, and on CUDA a trial step's peak memory."""
+    with torch.random.fork_rng(devices=[]):  # augmentation draws from the global generator
+        image, mask = train_set[0]
+        batch = config.batch_size if accelerator.device.type == "cuda" else 1
+        images = image.unsqueeze(0).repeat(batch, *[1] * image.ndim).to(accelerator.device)
+        masks = torch.as_tensor(mask).unsqueeze(0).repeat(batch, *[1] * mask.ndim).to(accelerator.device)
+        if batch_transform is not None:
+            images, masks = batch_transform(images, masks)
+    images = images.contiguous(memory_format=memory_format)
+    processes = f" x {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+    if accelerator.device.type == "cuda":
+        info = trial_step(model, images, masks, loss, accelerator.autocast)
+        memory = (f"; trial step peak {info['peak_bytes'] / 2**30:.2f} GiB of the GPU's "
+                  f"{info['device_bytes'] / 2**30:.1f} GiB (+{8 * info['trainable'] / 2**30:.2f} GiB of AdamW "
+                  f"moments from the first step)")
+    else:
+        info = {"parameters": sum(p.numel() for p in model.parameters()),
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        memory = f"; on {accelerator.device.type}, no trial step"
+    channels, height, width = images.shape[1:]
+    count = lambda n: f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"  # noqa: E731
+    return (f"model {count(info['parameters'])} parameters ({count(info['trainable'])} trained); "
+            f"batch {config.batch_size}{processes} of {channels}x{height}x{width}{memory}")
+
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -446,6 +707,8 @@ def fit(
     """
     if len(val_set) == 0:
         raise ValueError("the val set is empty; fit needs one to measure mIoU")
+    if config.sync_every < 1:
+        raise ValueError(f"sync_every must be at least 1 (steps between reads of the losses), got {config.sync_every}")
     out_dir = Path(out_dir)
     last_path = out_dir / "last.pt"
     accelerator = make_accelerator(resolve_precision(config.precision))
@@ -481,7 +744,8 @@ def fit(
         num_workers=config.num_workers, worker_init_fn=seed_worker, pin_memory=pin_memory,
     )
 
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    # Fused: one kernel per step, and it can skip a bad step on the device (see _guarded_step).
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=True)
     # Counted in single-process batches: accelerate steps the scheduler once per process.
     steps_per_epoch = len(train_loader)
     lr_multiplier = warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch,
@@ -501,9 +765,9 @@ def fit(
 
     history: list[dict] = []
     best_miou, best_epoch, skipped_steps, start_epoch = -math.inf, 0, 0, 1
-    bad_in_a_row = 0  # non-finite steps since the last good one (TrainingDiverged at max_bad_steps)
     if checkpoint is not None:
         restore_training_state(checkpoint, optimizer, scheduler, accelerator.scaler, lr_multiplier)
+        _fused_after_load(optimizer)
         history = list(checkpoint["history"])
         best_miou, best_epoch = checkpoint["best_miou"], checkpoint["best_epoch"]
         skipped_steps, start_epoch = checkpoint["skipped_steps"], checkpoint["epoch"] + 1
@@ -513,70 +777,47 @@ def fit(
         else:
             say(f"resuming {resume_path} at epoch {start_epoch}/{config.epochs}")
 
+    cudnn_benchmark = _training_backends(accelerator.device)
+    if start_epoch <= config.epochs:  # a batch too large for the GPU shows here, in seconds
+        with out_of_memory_advice(config, None, start_epoch, 0, out_dir):
+            say(_trial_line(unwrapped, train_set, config, accelerator, memory_format, batch_transform,
+                            step_loss or (lambda m, x, y: loss_fn(m(x), y))))
+    skips = _SkippedSteps(config, out_dir, skipped_steps, accelerator.scaler, warn=accelerator.is_main_process)
+
     for epoch in range(start_epoch, config.epochs + 1):
         if config.patience and epoch - 1 - best_epoch >= config.patience:
             say(f"early stop: no val mIoU gain for {config.patience} epochs (best {best_miou:.4f} at epoch {best_epoch})")
             break
         started = time.perf_counter()
 
-        # ---- train
+        # ---- train (no host sync per step: losses and verdicts are read every sync_every steps)
         model.train()
         train_loader.set_epoch(epoch)  # the epoch's sample order (EpochSampler)
-        worker_seeds.manual_seed(_epoch_seed(config.seed, epoch, 1))
-        loss_sum = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, steps, images
-        epoch_skipped = 0
+        _seed_epoch(config.seed, epoch, accelerator.process_index, worker_seeds)
+        stats = _StepStats.zeros(accelerator.device)
+        skips.start_epoch()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (progress and accelerator.is_main_process))
         for step, (images, masks) in enumerate(bar):
             if batch_transform is not None:
                 images, masks = batch_transform(images, masks)
             images = images.contiguous(memory_format=memory_format)
-            optimizer.zero_grad(set_to_none=True)
             with out_of_memory_advice(config, images, epoch, step, out_dir):
-                with accelerator.autocast():
-                    if step_loss is not None:
-                        loss = step_loss(model, images, masks)
-                    else:
-                        loss = loss_fn(model(images), masks)
-                loss_sum[2] += len(images)
-
-                # Skip the whole step on a non-finite loss; under DDP every process must agree,
-                # or the others would wait forever in the gradient all-reduce.
-                finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-                if accelerator.num_processes > 1:
-                    finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-                bad = "loss" if finite.item() < 1 else None
-                if bad is None:
-                    accelerator.backward(loss)
-                    if config.grad_clip > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                        # With fp16 the grad scaler skips overflowing steps itself; otherwise a
-                        # non-finite norm (identical on all processes after the all-reduce) means skip.
-                        if accelerator.scaler is None and not torch.isfinite(grad_norm):
-                            bad = "gradients"
-                            optimizer.zero_grad(set_to_none=True)
-            if bad is not None:
-                epoch_skipped += 1
-                skipped_steps += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= config.max_bad_steps:
-                    raise TrainingDiverged(diverged_message(config, bad, bad_in_a_row, epoch, step, out_dir))
-                if accelerator.is_main_process:
-                    warnings.warn(f"epoch {epoch} step {step + 1}: non-finite {bad}, step skipped "
-                                  f"({skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
-                continue
-            bad_in_a_row = 0
-            optimizer.step()
-            scheduler.step()
-
-            loss_sum[0] += loss.detach().double()
-            loss_sum[1] += 1
-            bar.set_postfix(loss=f"{(loss_sum[0] / loss_sum[1]).item():.4f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+                loss, verdict = _guarded_step(model, optimizer, accelerator, images, masks, loss_fn, step_loss,
+                                              config.grad_clip)
+            scheduler.step()  # skipped steps too: the schedule counts batches, so it spans the same epochs
+            stats.add(loss, verdict, len(images))
+            skips.record(epoch, step, verdict)
+            if skips.due():
+                skips.read()  # warnings; TrainingDiverged
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{stats.mean_loss():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    refresh=False)
+        skips.read()
         bar.close()
+        train_loss, images_seen = stats.totals(accelerator)  # a host read: the epoch's device work is done
         train_seconds = time.perf_counter() - started
-        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-        train_loss = (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else math.nan
+        epoch_skipped, skipped_steps = skips.in_epoch, skips.total
 
         # DDP copies process 0's BatchNorm buffers at the start of each forward, so after the
         # last step each process holds buffers updated from its own batch: take process 0's,
@@ -600,7 +841,7 @@ def fit(
             "per_class_iou": [_json_safe(v) for v in val["iou"]],
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(time.perf_counter() - started, 3),
-            "images_per_s": round(loss_sum[2].item() / max(train_seconds, 1e-9), 2),
+            "images_per_s": round(images_seen / max(train_seconds, 1e-9), 2),
             "skipped_steps": epoch_skipped,
         })
 
@@ -635,6 +876,7 @@ def fit(
             + (f"  ({epoch_skipped} steps skipped)" if epoch_skipped else ""))
 
     accelerator.wait_for_everyone()  # files are complete wherever fit returns
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     # Hand back a plain model: no pruning hooks, no autocast wrapper around its forward.
     remove_pruning(unwrapped)
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)

@@ -55,10 +55,21 @@ def _pixel_weights(target, ignore_index, class_weights=None, pixel_weight=None) 
     valid = target != ignore_index
     weights = valid.float()
     if class_weights is not None:
-        weights = weights * class_weights.to(weights.device, torch.float32)[target.where(valid, 0)]
+        weights = weights * class_weights[target.where(valid, 0)]
     if pixel_weight is not None:
         weights = weights * pixel_weight
     return weights
+
+
+def _class_weights_on(module: nn.Module, device: torch.device) -> torch.Tensor | None:
+    """`module.class_weights` (a float32 buffer) on `device`, moved there on the first call only.
+
+    Not `.to(device)` per call: from the host that is a blocking copy, a host sync, every loss
+    call on a GPU. The buffer also moves with `module.to(device)`.
+    """
+    if module.class_weights is not None and module.class_weights.device != device:
+        module.class_weights = module.class_weights.to(device)
+    return module.class_weights
 
 
 def _weighted_mean(loss_map, weights) -> torch.Tensor:
@@ -86,7 +97,8 @@ class CrossEntropyLoss(nn.Module):
     def forward(self, logits, target, pixel_weight=None):
         _check_shapes(logits, target)
         ce = F.cross_entropy(logits.float(), target, reduction="none", ignore_index=self.ignore_index)
-        return _weighted_mean(ce, _pixel_weights(target, self.ignore_index, self.class_weights, pixel_weight))
+        class_weights = _class_weights_on(self, logits.device)
+        return _weighted_mean(ce, _pixel_weights(target, self.ignore_index, class_weights, pixel_weight))
 
 
 class FocalLoss(nn.Module):
@@ -110,7 +122,8 @@ class FocalLoss(nn.Module):
         if self.gamma:
             p_true = torch.exp(-ce)
             focal = (1.0 - p_true).clamp_min(0.0).pow(self.gamma) * ce
-        return _weighted_mean(focal, _pixel_weights(target, self.ignore_index, self.class_weights, pixel_weight))
+        class_weights = _class_weights_on(self, logits.device)
+        return _weighted_mean(focal, _pixel_weights(target, self.ignore_index, class_weights, pixel_weight))
 
 
 class DiceLoss(nn.Module):
@@ -142,8 +155,9 @@ class DiceLoss(nn.Module):
         cardinality = probs.sum(dims) + onehot.sum(dims)
         dice = (2.0 * intersection + self.smooth) / (cardinality + self.smooth)
         weights = (onehot.sum(dims) > 0).float()
-        if self.class_weights is not None:
-            weights = weights * self.class_weights.to(weights.device, torch.float32)
+        class_weights = _class_weights_on(self, logits.device)
+        if class_weights is not None:
+            weights = weights * class_weights
         return ((1.0 - dice) * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
