@@ -56,6 +56,7 @@ export PATH="$VENV/bin:$PATH"
 # The venv's kernelspec ("python3" -> the venv's python) comes before any user-wide one.
 export JUPYTER_PATH="$VENV/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 export PYDEVD_DISABLE_FILE_VALIDATION=1
+python -m offroadseg.device --check || exit 2  # an NVIDIA GPU this torch cannot use: stop, say why (OFFROADSEG_ALLOW_CPU=1 overrides)
 
 # --- data: the demo desert when no dataset is given -------------------------------------
 if [ -z "$DATA" ]; then

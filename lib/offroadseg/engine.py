@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .classes import IGNORE_INDEX, NUM_CLASSES
+from .device import resolve_precision  # noqa: F401  (its home is device; engine.resolve_precision stays importable)
 from .files import atomic_open, write_json
 from .metrics import confusion_matrix, scores
 from .pruning import folded_state_dict, prune_decoder, remove_pruning
@@ -176,27 +177,6 @@ def seed_worker(worker_id: int) -> None:
 
 
 # ------------------------------------------------------------------ optimisation set-up
-
-
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed_precision value ("no", "bf16", "fp16") for a TrainConfig.precision."""
-    explicit = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-    if precision in explicit:
-        return explicit[precision]
-    if precision != "auto":
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU"):
-        return "no"
-    # including_emulation=False: a T4 "supports" bf16 only by slow emulation; use fp16 there.
-    try:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the argument
-        bf16 = torch.cuda.is_bf16_supported()
-    return "bf16" if bf16 else "fp16"
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
