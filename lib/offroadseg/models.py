@@ -146,9 +146,10 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     call is made: those emit their own kernels, and a test on the batch size would pin the
     exported graph's dynamic batch.
     """
-    size = tuple(int(side) for side in size)
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or x.dim() != 4:
+        # `size` as given: int() of a traced shape would freeze the exported graph's dynamic size.
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    size = tuple(int(side) for side in size)
     per_sample = x.shape[1] * max(x.shape[2] * x.shape[3], size[0] * size[1])
     if x.shape[0] * per_sample < UPSAMPLE_MAX_ELEMENTS:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
