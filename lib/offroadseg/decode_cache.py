@@ -66,6 +66,7 @@ def cache_folder(run_dir: str | os.PathLike) -> Path:
     """Where a run keeps its decode caches: `$OFFROADSEG_CACHE` when set, else `run_dir`/cache.
 
     The caches are named by the pairs and size they hold, so one folder serves several runs.
+    A relative $OFFROADSEG_CACHE resolves from the working directory (run_all.sh: the project root).
     """
     chosen = os.environ.get(CACHE_ENV, "").strip()
     return Path(chosen).expanduser().resolve() if chosen else Path(run_dir) / "cache"
