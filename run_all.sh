@@ -73,6 +73,7 @@ export PATH="$VENV/bin:$PATH"
 # The venv's kernelspec ("python3" -> the venv's python) comes before any user-wide one.
 export JUPYTER_PATH="$VENV/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 export PYDEVD_DISABLE_FILE_VALIDATION=1
+python -m offroadseg.device --check || exit 2  # an NVIDIA GPU this torch cannot use: stop, say why (OFFROADSEG_ALLOW_CPU=1 overrides)
 
 # ipykernel's noise on stderr: unencrypted local sockets on every kernel start, and the interrupt
 # papermill sends a kernel after a failure (it reads like a second error; the real one is printed).

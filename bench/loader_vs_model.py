@@ -5,7 +5,8 @@
       every train image decoded and resized to 1.5x the model input once, into the memory-mapped
       `DecodeCache` (shared by every DataLoader worker through the OS page cache). Each
       measurement builds it cold into a fresh temporary folder: `cache_build_s` (the whole
-      `datasets` call, almost all of it decoding) and `decode_ips` (train images / cache_build_s).
+      `datasets` call, almost all of it decoding) and `decode_ips` (train + val images /
+      cache_build_s: `datasets` caches both).
       Training pays this once per run folder (`<run>/cache`) and reuses it afterwards.
     - the DataLoader as `engine.fit` builds it: the weighted `EpochSampler` with the scan's
       sample weights, drop_last, `num_workers`, `seed_worker`, pin_memory on CUDA, wrapped by
@@ -84,10 +85,11 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
     augmentation when `on_device`), iterated without a model; batches reach `device`."""
     with tempfile.TemporaryDirectory(prefix="bench-decode-cache-", dir=cache_root) as folder:
         started = time.perf_counter()
-        train_set, _ = training.datasets(scan, image_size, cache_dir=folder, on_device=on_device)
+        train_set, val_set = training.datasets(scan, image_size, cache_dir=folder, on_device=on_device)
         cache_build_s = time.perf_counter() - started
         pairs = len(train_set)
-        cache = {"seconds": cache_build_s, "images": pairs, "images_per_s": pairs / cache_build_s,
+        decoded = pairs + len(val_set)  # datasets builds the val set's cache too
+        cache = {"seconds": cache_build_s, "images": decoded, "images_per_s": decoded / cache_build_s,
                  "cache_size": list(train_set.cache_size),
                  "decode_processes": 1 if pairs < PARALLEL_MIN_PAIRS else (os.cpu_count() or 1)}
 

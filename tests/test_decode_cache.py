@@ -52,7 +52,8 @@ def test_holds_the_decoded_pairs_as_read_only_views(pairs, tmp_path):
     assert not image.flags.writeable and not mask.flags.writeable
     names = sorted(p.name for p in (tmp_path / "cache").iterdir())
     stem = cache.stem.name
-    assert names == [f"{stem}.images.npy", f"{stem}.json", f"{stem}.masks.npy"]  # no temporary files left
+    # No temporary files left; the (empty) lock file of concurrent builds stays.
+    assert names == [f"{stem}.images.npy", f"{stem}.json", f"{stem}.lock", f"{stem}.masks.npy"]
     index = json.loads(cache.index_path.read_text())
     assert index["version"] == decode_cache.FORMAT_VERSION and index["size"] == list(SIZE)
     assert index["pairs"][0] == [str(pairs[0][0]), str(pairs[0][1])] and index["pairs"][3][1] is None
@@ -165,3 +166,65 @@ def test_dataset_reads_through_the_cache_in_dataloader_workers(pairs, tmp_path):
         image, mask = decode_pair(*pair, SIZE)
         assert torch.equal(images[i], torch.from_numpy(np.array(image)).permute(2, 0, 1))
         assert torch.equal(masks[i], torch.from_numpy(np.array(mask)))
+
+
+def test_two_processes_building_the_same_cache_decode_once_and_both_read_it(pairs, tmp_path):
+    # The two ranks of a DDP run both build the train set's cache as they start.
+    import multiprocessing
+
+    import decode_cache_child
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    log = tmp_path / "decodes.log"
+    children = [context.Process(target=decode_cache_child.build,
+                                args=(pairs, tmp_path / "cache", SIZE, barrier, log, tmp_path / f"rank{rank}.npz"))
+                for rank in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [child.exitcode for child in children] == [0, 0]
+    decoded = log.read_text().splitlines()
+    assert len(decoded) == len(pairs), decoded  # once, by one process: not once per process
+    assert len({line.split()[0] for line in decoded}) == 1
+    expected = [decode_pair(image, mask, SIZE) for image, mask in pairs]
+    for rank in range(2):
+        result = np.load(tmp_path / f"rank{rank}.npz")
+        assert np.array_equal(result["images"], np.stack([image for image, _ in expected]))
+        assert np.array_equal(result["masks"], np.stack([mask for _, mask in expected]))
+    assert_holds(build(pairs, tmp_path / "cache"), pairs)
+
+
+def test_no_room_for_the_whole_cache_is_an_error_before_any_decode(pairs, tmp_path, decodes, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 100))
+    folder = tmp_path / "cache"
+    with pytest.raises(OSError, match=rf"{folder}: the decode cache of 3 pairs at 6x10 needs .*OFFROADSEG_CACHE="):
+        build(pairs, folder)
+    assert decodes == []
+
+
+def test_the_stale_arrays_being_replaced_count_as_room(pairs, tmp_path, decodes, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    build(pairs, tmp_path / "cache")
+    os.utime(pairs[1][0], ns=(1, 1))  # a changed file: the same cache is rebuilt in place
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    assert_holds(build(pairs, tmp_path / "cache"), pairs)  # the old arrays go first, so they make the room
+    assert len(decodes) == 6
+
+
+def test_cache_folder_is_the_run_folders_unless_the_environment_names_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(decode_cache.CACHE_ENV, raising=False)
+    assert decode_cache.cache_folder(tmp_path / "run") == tmp_path / "run" / "cache"
+    monkeypatch.setenv(decode_cache.CACHE_ENV, str(tmp_path / "scratch"))
+    assert decode_cache.cache_folder(tmp_path / "run") == tmp_path / "scratch"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(decode_cache.CACHE_ENV, "relative")
+    assert decode_cache.cache_folder("run") == tmp_path / "relative"

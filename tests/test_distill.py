@@ -127,6 +127,32 @@ def test_step_loss_trains_student_and_projections_never_the_teachers():
     assert not any(m.training for m in teachers.members)
 
 
+def test_the_step_keeps_only_the_teacher_maps_the_projections_match(monkeypatch):
+    # All five maps of both teachers were held through the student's step (~0.7 GB at batch 16).
+    teachers, (images, masks) = tiny_teachers(), batch()
+    model = DistillationStudent(tiny_student(), teachers, layers=(-2, -1)).eval()  # no dropout: comparable losses
+    distiller = Distiller(teachers, DistillationLoss(beta=1.0))
+    seen = []
+    real_forward = model.projections.forward
+    monkeypatch.setattr(model.projections, "forward", lambda student, teacher_features, input_size=None: (
+        seen.append(teacher_features) or real_forward(student, teacher_features, input_size)))
+    loss = distiller.step_loss(model, images, masks)
+    assert len(seen) == 1 and len(seen[0]) == 2  # one list per teacher
+    for member, maps in zip(teachers.members, seen[0]):
+        assert len(maps) == 5 and [i for i, m in enumerate(maps) if m is not None] == [3, 4]
+        with torch.no_grad():
+            full = member(images, return_features=True)[1]
+        assert all(torch.equal(maps[i], full[i]) for i in (3, 4))
+    # The same loss as from the full lists.
+    with torch.no_grad():
+        full_lists = [member(images, return_features=True)[1] for member in teachers.members]
+        logits, feature_loss = model(images, teacher_features=full_lists)
+        expected = distiller.loss(logits, masks, teachers.probs(images, distiller.loss.temperature), feature_loss)
+    assert torch.allclose(loss.detach(), expected, atol=1e-5)
+    only_last = distiller.teacher_outputs(images, layers=(0,))
+    assert [[m is not None for m in maps] for maps in only_last.features] == [[True, False, False, False, False]] * 2
+
+
 def test_a_feature_term_needs_projections():
     teachers, (images, masks) = tiny_teachers(), batch()
     plain = DistillationStudent(tiny_student(), teachers, layers=())

@@ -242,3 +242,59 @@ def test_resnet_missing_or_wrong_weights_are_clear_errors(tmp_path):
         build_model("deeplabv3plus-resnet34", pretrained=str(tmp_path / "resnet18.pth"))
     with pytest.raises(ValueError, match="IMAGENET1K_V1"):
         build_model("deeplabv3plus-resnet18", pretrained="IMAGENET_V9")
+
+
+def _record_interpolate(monkeypatch):
+    """Wraps F.interpolate: records each call's (input, output) element counts."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.interpolate
+
+    def recording(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        calls.append((x.numel(), out.numel()))
+        return out
+
+    monkeypatch.setattr(F, "interpolate", recording)
+    return calls
+
+
+def test_upsample_splits_a_batch_whose_output_would_pass_the_kernel_limit(monkeypatch):
+    # CUDA's channels-last bilinear kernel refuses >= 2^31 elements (B2 at 960x540 from ~87
+    # images); a small patched limit stands in for it on the CPU.
+    from offroadseg import models
+
+    x = torch.randn(7, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.interpolate(x, size=(10, 12), mode="bilinear", align_corners=False)
+    monkeypatch.setattr(models, "UPSAMPLE_MAX_ELEMENTS", 4 * 10 * 12 * 3 + 1)  # room for 3 samples' outputs
+    calls = _record_interpolate(monkeypatch)
+    out = models.upsample(x, (10, 12))
+    assert [c[1] for c in calls] == [3 * 480, 3 * 480, 480]  # chunks of 3, 3 and 1
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the fast layout is kept
+    calls.clear()
+    assert torch.equal(models.upsample(x[:3], (10, 12)), expected[:3]) and len(calls) == 1  # below: one call
+    # A single sample over the limit: one call on a contiguous (NCHW, 64-bit indexed) input.
+    monkeypatch.setattr(models, "UPSAMPLE_MAX_ELEMENTS", 100)
+    calls.clear()
+    out = models.upsample(x, (10, 12))
+    assert len(calls) == 1 and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("name", ["segformer-b0", "deeplabv3plus-resnet18"])
+def test_forward_never_upsamples_more_than_the_kernel_limit_at_once(monkeypatch, name):
+    from offroadseg import models
+
+    model = build_model(name, **({"decoder_hidden_size": 16} if name.startswith("segformer") else
+                                 {"aspp_channels": 16, "decoder_channels": 16, "low_level_channels": 8})).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 48).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        limit = 10 * 32 * 48 * 2 + 1  # the logits of two images
+        monkeypatch.setattr(models, "UPSAMPLE_MAX_ELEMENTS", limit)
+        calls = _record_interpolate(monkeypatch)
+        logits = model(x)
+    assert calls and all(i < limit and o < limit for i, o in calls)
+    assert torch.allclose(logits, expected, atol=1e-6)

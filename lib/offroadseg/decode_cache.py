@@ -15,6 +15,7 @@ of several splits or sizes sit side by side:
     decode-<hash>.images.npy   uint8 (N, H, W, 3)
     decode-<hash>.masks.npy    uint8 (N, H, W): class indices, 255 = ignore (all 255 for a pair without mask)
     decode-<hash>.json         the index: format version, size, pairs, each file's byte size and mtime_ns
+    decode-<hash>.lock         empty; held (flock) while a process builds the cache
 
 A cache is used only when its index matches the current files exactly and
 both arrays have the expected shape and file length; otherwise it is rebuilt.
@@ -24,13 +25,23 @@ to a rebuild, never to reading stale or partial data. Building deletes the old
 index first, writes the arrays to temporary files renamed into place, and
 writes the index last (atomically): a crash at any point leaves no cache that
 passes the check. Caches of other pair lists are left alone: delete the folder
-to reclaim their space. Two processes building the same cache at once each do
-the full work; the files they produce are identical, so either result stands.
+to reclaim their space.
+
+Several processes (the ranks of a DDP run, two notebooks) asking for the same
+cache at once: a build holds an exclusive lock on `decode-<hash>.lock`
+(`fcntl.flock`, released by the OS even if the process dies), and a process
+that waited for it checks again and opens what the other built. So the pairs
+are decoded once, and no process replaces files another has mapped.
+
+Where: `cache_folder(run_dir)` is the one rule, `$OFFROADSEG_CACHE` when set
+(e.g. local scratch on Kaggle, whose /kaggle/working holds 20 GB), else the run
+folder's `cache/`. Free space for the whole build is checked before any work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -45,8 +56,20 @@ from . import data
 from .files import atomic_open, read_json, write_json
 
 FORMAT_VERSION = 1
+# The folder for decode caches when set (see `cache_folder`); resolved from the working directory.
+CACHE_ENV = "OFFROADSEG_CACHE"
 # Pairs below this count decode in-process: starting worker processes would cost more than it saves.
 PARALLEL_MIN_PAIRS = 32
+
+
+def cache_folder(run_dir: str | os.PathLike) -> Path:
+    """Where a run keeps its decode caches: `$OFFROADSEG_CACHE` when set, else `run_dir`/cache.
+
+    The caches are named by the pairs and size they hold, so one folder serves several runs.
+    A relative $OFFROADSEG_CACHE resolves from the working directory (run_all.sh: the project root).
+    """
+    chosen = os.environ.get(CACHE_ENV, "").strip()
+    return Path(chosen).expanduser().resolve() if chosen else Path(run_dir) / "cache"
 
 
 class DecodeCache:
@@ -76,6 +99,10 @@ class DecodeCache:
     def index_path(self) -> Path:
         return self.stem.with_name(self.stem.name + ".json")
 
+    @property
+    def lock_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".lock")
+
     @classmethod
     def build_or_open(cls, pairs, size: tuple[int, int], folder: str | os.PathLike,
                       workers: int | None = None, progress: bool = True) -> DecodeCache:
@@ -92,8 +119,11 @@ class DecodeCache:
         index = {"version": FORMAT_VERSION, "size": list(size), "pairs": listed,
                  "files": [[_fingerprint(image), None if mask is None else _fingerprint(mask)] for image, mask in pairs]}
         cache = cls(Path(folder) / f"decode-{key}", len(pairs), size)
-        if not cache._matches(index):
-            cache._build(pairs, index, workers, progress)
+        if cache._matches(index):
+            return cache
+        with _exclusive(cache.lock_path, progress):
+            if not cache._matches(index):  # another process may have built it while this one waited
+                cache._build(pairs, index, workers, progress)
         return cache
 
     def __len__(self) -> int:
@@ -136,14 +166,13 @@ class DecodeCache:
         height, width = self.size
         folder = self.stem.parent
         folder.mkdir(parents=True, exist_ok=True)
-        # The old index goes first: from here until the new one is written, nothing passes `_matches`.
-        self.index_path.unlink(missing_ok=True)
         self._images = self._masks = None
-        needed = len(pairs) * height * width * 4
-        free = shutil.disk_usage(folder).free
-        if needed > free:
-            raise OSError(f"{folder}: the decode cache needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
-                          "(give another cache folder, or a smaller size)")
+        check_free_space(folder, len(pairs), self.size, replacing=(self.images_path, self.masks_path))
+        # The old index goes first: from here until the new one is written, nothing passes `_matches`.
+        # The stale arrays go too, so the new ones never need room beside them.
+        self.index_path.unlink(missing_ok=True)
+        self.images_path.unlink(missing_ok=True)
+        self.masks_path.unlink(missing_ok=True)
         bar = tqdm(total=len(pairs), desc="decode cache", unit="pair", disable=not progress)
         try:
             # closing(): on a failure the worker pool shuts down now, not when the traceback is freed.
@@ -159,6 +188,45 @@ class DecodeCache:
             bar.close()
         write_json(self.index_path, index)
         self._open()
+
+
+def cache_bytes(count: int, size: tuple[int, int]) -> int:
+    """Bytes on disk of a cache of `count` pairs at `size`: RGB images and one-byte masks, plus headers."""
+    return count * size[0] * size[1] * 4 + 2 * 128
+
+
+def check_free_space(folder: Path, count: int, size: tuple[int, int], replacing=()) -> None:
+    """OSError, before any work, when `folder` lacks room for the whole cache (`replacing`: files it deletes first)."""
+    needed = cache_bytes(count, size)
+    free = shutil.disk_usage(folder).free + sum(path.stat().st_size for path in map(Path, replacing) if path.exists())
+    if needed > free:
+        raise OSError(
+            f"{folder}: the decode cache of {count} pairs at {size[0]}x{size[1]} needs {needed / 1e9:.2f} GB, and only "
+            f"{free / 1e9:.2f} GB are free there. Put the cache on a disk with room: set {CACHE_ENV}=/path/to/scratch "
+            f"(e.g. local scratch such as /tmp on Kaggle, rather than /kaggle/working), or free space, "
+            f"or use a smaller image_size."
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, progress: bool):
+    """Hold an exclusive lock on `path` (created if missing) against every other process.
+
+    flock rather than a "lock file exists" test: the OS drops the lock when its holder dies,
+    so a killed build never leaves the cache locked. The file itself stays (empty).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process building the decode cache {path.with_suffix('')} ...", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fingerprint(path: Path) -> list[int]:

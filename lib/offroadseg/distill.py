@@ -116,7 +116,8 @@ class FeatureProjections(nn.Module):
 
     def forward(self, student_features: Sequence[torch.Tensor], teacher_features: Sequence[Sequence[torch.Tensor]],
                 input_size: Sequence[int] | None = None) -> torch.Tensor:
-        """Feature-matching loss (fp32 scalar); `teacher_features[t]` is teacher t's full feature list.
+        """Feature-matching loss (fp32 scalar); `teacher_features[t]` is teacher t's list of five maps
+        (only those of `layers` are read: the others may be None, see `Distiller.teacher_outputs`).
 
         `input_size` (H, W) of the images enables the `min_stride` cap on the compared size.
         """
@@ -206,6 +207,12 @@ def _members_and_weights(teachers) -> tuple[list[nn.Module], list[float]]:
     return members, [1.0 / len(members)] * len(members)
 
 
+def _matched_layers(model: nn.Module) -> tuple[int, ...]:
+    """The feature layers a (possibly wrapped) DistillationStudent's projections match; () for other models."""
+    projections = getattr(_unwrap(model), "projections", None)
+    return tuple(projections.layers) if isinstance(projections, FeatureProjections) else ()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     # engine.fit hands step_loss the prepared model: possibly DDP (.module) or compiled (._orig_mod).
     while True:
@@ -264,7 +271,11 @@ class DistillationLoss(nn.Module):
 
 
 class TeacherOutputs(NamedTuple):
-    """What the frozen teachers give one batch: ensemble probabilities at T, and each teacher's features."""
+    """What the frozen teachers give one batch: ensemble probabilities at T, and each teacher's features.
+
+    `features[t]` is teacher t's list of five maps with None in place of the maps no projection
+    matches: kept in position so `FeatureProjections` indexes it as the model's full list.
+    """
 
     probs: torch.Tensor
     features: list[list[torch.Tensor]] | None
@@ -296,14 +307,26 @@ class Distiller:
             self._device = device
 
     @torch.no_grad()
-    def teacher_outputs(self, images: torch.Tensor, with_features: bool = True) -> TeacherOutputs:
-        """The teachers' soft labels at the loss's temperature and (optionally) their feature maps."""
+    def teacher_outputs(self, images: torch.Tensor, with_features: bool = True,
+                        layers: Sequence[int] = DEFAULT_LAYERS) -> TeacherOutputs:
+        """The teachers' soft labels at the loss's temperature and (optionally) their feature maps.
+
+        Only the maps of `layers` are kept (the others are None): they are held until the
+        student's step ends, and all five maps of both teachers are about 0.7 GB more at
+        batch 16 for nothing.
+        """
         # no_grad, not inference_mode: inference tensors may not be saved for the student's backward.
         self._to(images.device)
         if not with_features:
             return TeacherOutputs(self.teachers.probs(images, self.loss.temperature), None)
-        logits, features = zip(*(member(images, return_features=True) for member in self.teachers.members))
-        return TeacherOutputs(self.teachers.average(logits, self.loss.temperature), list(features))
+        logits, features = [], []
+        for member in self.teachers.members:
+            member_logits, maps = member(images, return_features=True)
+            keep = {layer % len(maps) for layer in layers}
+            logits.append(member_logits)
+            features.append([feature if index in keep else None for index, feature in enumerate(maps)])
+            del maps  # the unused maps are freed before the next teacher runs
+        return TeacherOutputs(self.teachers.average(logits, self.loss.temperature), features)
 
     def parts(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
               teacher: TeacherOutputs | None = None) -> dict[str, torch.Tensor]:
@@ -313,7 +336,7 @@ class Distiller:
             raise ValueError("the loss has a feature term (beta > 0) but the model has no feature projections; "
                              "train a DistillationStudent built with layers, or set beta=0")
         if teacher is None:
-            teacher = self.teacher_outputs(images, with_features=matches)
+            teacher = self.teacher_outputs(images, with_features=matches, layers=_matched_layers(model))
         if matches:
             logits, feature_loss = model(images, teacher_features=teacher.features)
         else:
@@ -347,13 +370,14 @@ def cost_split(distiller: Distiller, model: nn.Module, images: torch.Tensor, mas
     saved_buffers = [buffer.detach().clone() for buffer in model.buffers()]
     model.train()
     matches = getattr(_unwrap(model), "matches_features", False)
+    layers = _matched_layers(model)
     with inference_autocast(device):
-        teacher = distiller.teacher_outputs(images, with_features=matches)
+        teacher = distiller.teacher_outputs(images, with_features=matches, layers=layers)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def teachers():
         with inference_autocast(device):
-            distiller.teacher_outputs(images, with_features=matches)
+            distiller.teacher_outputs(images, with_features=matches, layers=layers)
 
     def student():
         with inference_autocast(device):

@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .classes import IGNORE_INDEX, NUM_CLASSES
+from .device import resolve_precision  # noqa: F401  (its home is device; engine.resolve_precision stays importable)
 from .files import atomic_open, write_json
 from .metrics import confusion_matrix, scores
 from .pruning import folded_state_dict, prune_decoder, remove_pruning
@@ -200,27 +201,6 @@ def seed_worker(worker_id: int) -> None:
 
 
 # ------------------------------------------------------------------ optimisation set-up
-
-
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed_precision value ("no", "bf16", "fp16") for a TrainConfig.precision."""
-    explicit = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-    if precision in explicit:
-        return explicit[precision]
-    if precision != "auto":
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU"):
-        return "no"
-    # including_emulation=False: a T4 "supports" bf16 only by slow emulation; use fp16 there.
-    try:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the argument
-        bf16 = torch.cuda.is_bf16_supported()
-    return "bf16" if bf16 else "fp16"
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -958,12 +938,24 @@ def launch(fn: Callable, args: tuple = (), num_processes: int | None = None):
     """Run `fn(*args)` on every GPU from a notebook: accelerate's notebook_launcher when there
     is more than one (e.g. Kaggle's two T4s), a plain call otherwise (returning its result).
 
-    The notebook must not have touched CUDA before (notebook_launcher forks); under it, `fn`'s
-    return value is lost, so read results from the run folder (history.json, best.pt).
+    notebook_launcher forks, and a forked process cannot use CUDA once its parent has
+    initialised it: so with several processes, nothing in the notebook may touch CUDA before
+    (no model or tensor moved to the GPU, no benchmark), and `fn` must return CPU-only data
+    (`training.train_teacher` returns the history, not the model), since each process's return
+    value is pickled back to the notebook and CUDA tensors would travel by CUDA IPC, initialising
+    CUDA there. When CUDA is already initialised, this refuses with what to do rather than
+    training on one GPU. Under the launcher `fn`'s return value is dropped: read results from
+    the run folder (history.json, best.pt).
     """
     if num_processes is None:
         num_processes = torch.cuda.device_count()  # does not initialise CUDA
     if num_processes > 1:
+        if torch.cuda.is_initialized():
+            raise RuntimeError(
+                f"cannot train on {num_processes} GPUs: CUDA is already initialised in this kernel (a cell before "
+                f"this one used the GPU), and the launcher's forked processes cannot use it; restart the kernel and "
+                f"run the cells in order (training before any cell that uses the GPU), or set num_processes=1"
+            )
         from accelerate import notebook_launcher
 
         notebook_launcher(fn, args, num_processes=num_processes)

@@ -129,6 +129,37 @@ def _depth(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# CUDA's channels-last bilinear kernel (upsample_bilinear2d_nhwc) indexes with 32-bit ints and
+# refuses an input or output of INT_MAX elements or more; SegFormer's decoder maps are
+# channels-last (a transposed linear projection), so B2 at 960x540 fails from ~87 images.
+UPSAMPLE_MAX_ELEMENTS = 2**31 - 1
+
+
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of an (N, C, H, W) batch to `size`, safe at any batch size.
+
+    When the input or the output would reach `UPSAMPLE_MAX_ELEMENTS`, the batch is resized in
+    chunks that each stay below it, then concatenated: the same values (each sample is resized
+    on its own anyway) in the same memory format, so the fast channels-last kernel is kept.
+    Only when a single sample is that large is the input made contiguous first (the NCHW kernel
+    indexes with 64 bits). While tracing or compiling (ONNX export, torch.compile) the plain
+    call is made: those emit their own kernels, and a test on the batch size would pin the
+    exported graph's dynamic batch.
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or x.dim() != 4:
+        # `size` as given: int() of a traced shape would freeze the exported graph's dynamic size.
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    size = tuple(int(side) for side in size)
+    per_sample = x.shape[1] * max(x.shape[2] * x.shape[3], size[0] * size[1])
+    if x.shape[0] * per_sample < UPSAMPLE_MAX_ELEMENTS:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if per_sample >= UPSAMPLE_MAX_ELEMENTS:
+        return F.interpolate(x.contiguous(), size=size, mode="bilinear", align_corners=False)
+    chunk = (UPSAMPLE_MAX_ELEMENTS - 1) // per_sample
+    return torch.cat([F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+                      for part in x.split(chunk)])
+
+
 def _check_options(name: str, given: dict, defaults: dict) -> dict:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
@@ -150,7 +181,7 @@ class SegmentationModel(nn.Module):
         stages = self.encode(x)
         fused, logits = self.decode(stages)
         if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            logits = upsample(logits, x.shape[-2:])
         if return_features:
             return logits, [*stages, fused]
         return logits
@@ -192,7 +223,7 @@ class SegFormer(SegmentationModel):
         for stage, projection in zip(stages, projections):
             n, _, h, w = stage.shape
             y = projection(stage).transpose(1, 2).reshape(n, -1, h, w)
-            maps.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+            maps.append(upsample(y, size))
         fused = head.activation(head.batch_norm(head.linear_fuse(torch.cat(maps[::-1], dim=1))))
         return fused, head.classifier(head.dropout(fused))
 
@@ -470,7 +501,7 @@ class DeepLabV3PlusDecoder(nn.Module):
 
     def forward(self, low, deep):
         low = self.low_level(low)
-        deep = F.interpolate(self.aspp(deep), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        deep = upsample(self.aspp(deep), low.shape[-2:])
         fused = self.fuse(torch.cat([deep, low], dim=1))
         return fused, self.classifier(fused)
 

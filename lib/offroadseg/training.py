@@ -14,6 +14,7 @@ import torch
 
 from . import augment
 from .data import SegmentationDataset
+from .decode_cache import cache_folder
 from .engine import TrainConfig, fit
 from .losses import SegmentationLoss
 from .models import build_model
@@ -46,8 +47,8 @@ def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True,
              on_device: bool = False):
     """(train, val) datasets of the usable pairs: train augmented, val resized and normalised.
 
-    `cache_dir`: keep the decoded, resized train images in a memory-mapped cache there (shared by
-    every notebook and loader worker, rebuilt when the files change); None keeps them in memory.
+    `cache_dir`: keep the decoded, resized train and val images in memory-mapped caches there (shared
+    by every notebook and loader worker, rebuilt when the files change); None keeps them in memory.
     `on_device`: the train set yields uint8 tensors at the cache size, unaugmented, for
     `batch_augmentation` to crop, resize and augment on the device.
     """
@@ -58,7 +59,7 @@ def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True,
     else:
         train_tf = augment.train_transform(size=image_size) if augmentation else augment.eval_transform(image_size)
     train = SegmentationDataset(usable_pairs(scan, "train"), train_tf, cache_size=cache, cache_dir=cache_dir)
-    val = val_dataset(scan, image_size)
+    val = val_dataset(scan, image_size, cache_dir=cache_dir)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"the scan holds {len(train)} usable train and {len(val)} usable val pairs: "
                          "training needs both (see the problems table of notebook 01)")
@@ -81,17 +82,22 @@ def segmentation_loss(scan: dict) -> SegmentationLoss:
     return SegmentationLoss(class_weights=torch.tensor(scan["class_weights"], dtype=torch.float32))
 
 
-def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConfig, progress: bool = True):
-    """Build the model of `plan`, train it on the run's data, checkpoint into models/<role>/. Returns (model, history)."""
+def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConfig, progress: bool = True) -> list[dict]:
+    """Build the model of `plan`, train it on the run's data, checkpoint into models/<role>/. Returns the history.
+
+    Not the model: under `engine.launch` on several GPUs each process's return value is pickled
+    back to the notebook, and a model on CUDA would travel by CUDA IPC and initialise CUDA there
+    (the next launch would then refuse). The trained weights are in models/<role>/best.pt.
+    """
     on_device = augment_on_device()
-    train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=ctx.run.dir / "cache", on_device=on_device)
+    train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=cache_folder(ctx.run.dir), on_device=on_device)
     # Seeded here, not only in fit: the initial weights come from the global RNG as the model is built.
     torch.manual_seed(config.seed)
     model = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir(role), loss_fn=segmentation_loss(scan),
                   sample_weights=scan["sample_weights"], progress=progress, data_id=scan.get("fingerprint"),
                   batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None)
-    return model, history
+    return history
 
 
 @torch.inference_mode()
@@ -120,11 +126,21 @@ def loader(dataset, batch_size: int = 8, workers: int = 0):
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def val_dataset(scan: dict, image_size: tuple[int, int], native_masks: bool = False, split: str = "val"):
+def val_dataset(scan: dict, image_size: tuple[int, int], native_masks: bool = False, split: str = "val",
+                cache_dir=None):
     """Evaluation dataset: images at the model input size; masks at it too, or at their native
-    resolution (`native_masks=True`: predictions are upsampled to the masks, the honest way to score)."""
+    resolution (`native_masks=True`: predictions are upsampled to the masks, the honest way to score).
+
+    `cache_dir`: read the decoded images from a memory-mapped decode cache there, as training's
+    val loader does: its workers are started afresh every epoch and would otherwise decode every
+    PNG again each time. Not with `native_masks` (the cache holds masks at one size).
+    """
+    if native_masks and cache_dir is not None:
+        raise ValueError("val_dataset: native_masks keeps each mask at its own size, which the decode cache "
+                         "(one size for all) cannot hold; pass cache_dir=None")
     transform = augment.eval_transform(image_size, keep_mask_size=native_masks)
-    return SegmentationDataset(usable_pairs(scan, split), transform, cache_size=None if native_masks else image_size)
+    return SegmentationDataset(usable_pairs(scan, split), transform, cache_size=None if native_masks else image_size,
+                               cache_dir=cache_dir)
 
 
 def load_teachers(ctx) -> dict:
@@ -179,20 +195,26 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     """Distil the ensemble into the student of `plan` on the shared engine (see `distillation_setup`).
 
     Checkpoints go to models/student/ and reload as the plain student (`engine.load_model`).
+    Returns the history, not the model (see `train_teacher`).
     """
     torch.manual_seed(config.seed)  # the feature projections (and a student from scratch) start from the global RNG
     model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
     on_device = augment_on_device()
-    train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=ctx.run.dir / "cache", on_device=on_device)
+    train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=cache_folder(ctx.run.dir), on_device=on_device)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
                   sample_weights=scan["sample_weights"], step_loss=distiller.step_loss, progress=progress,
                   data_id=scan.get("fingerprint"),
                   batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None)
-    return model, history
+    return history
 
 
 def distillation_cost(ctx, scan: dict, plan: ModelPlan, batch_size: int, **loss_settings) -> dict:
-    """Measured ms per batch of the frozen teachers vs the student's step: what caching soft labels could save."""
+    """Measured ms per batch of the frozen teachers vs the student's step: what caching soft labels could save.
+
+    It runs on the GPU when there is one, so it initialises CUDA in the calling process: a notebook
+    calls it after `engine.launch(train_student, ...)`, never before (the launcher forks, and a
+    forked process cannot use CUDA its parent initialised).
+    """
     from torch.utils.data import DataLoader
 
     from .distill import cost_split

@@ -1,0 +1,187 @@
+"""The one device and precision rule, and the check that torch can use the NVIDIA GPU a machine has.
+
+    python -m offroadseg.device --check   # exit 1 with a message when an NVIDIA GPU is present
+                                          # that this torch cannot use (run_all.sh calls it)
+
+Why the check: the pinned torch (`torch==2.14.1` from the registry) is a CUDA 13 build. It
+needs an NVIDIA driver 580 or newer, and carries kernels for compute capability 7.5 and up
+only (sm_75 ... sm_120: T4, A10/A100, L4, H100/H200, Blackwell), none for the P100 (sm_60)
+or V100 (sm_70). On an older driver `torch.cuda.is_available()` is simply False, and the
+full profile would train on the CPU for days without a word; on a P100 every kernel fails
+with "no kernel image is available". So a machine that has an NVIDIA GPU (`nvidia-smi`
+answers) that torch cannot use stops before any work, naming the GPU, its driver and the
+way out. `OFFROADSEG_ALLOW_CPU=1` runs on the CPU anyway.
+
+Precision: `resolve_precision` (also importable as `engine.resolve_precision`) turns a
+TrainConfig.precision into accelerate's mixed_precision value: bf16 where the GPU has it
+natively, fp16 on other GPUs (T4), fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+ALLOW_CPU_ENV = "OFFROADSEG_ALLOW_CPU"
+# Oldest Linux driver branch that runs each CUDA major version (NVIDIA's CUDA compatibility table).
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's mixed_precision value ("no", "bf16", "fp16") for a TrainConfig.precision."""
+    explicit = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+    if precision in explicit:
+        return explicit[precision]
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU"):
+        return "no"
+    # including_emulation=False: a T4 "supports" bf16 only by slow emulation; use fp16 there.
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        bf16 = torch.cuda.is_bf16_supported()
+    return "bf16" if bf16 else "fp16"
+
+
+# --------------------------------------------------------------------- the GPU check
+
+
+def nvidia_gpus() -> list[dict] | None:
+    """The GPUs `nvidia-smi` lists: [{"name", "driver", "compute_cap" (e.g. "6.0", or None)}].
+
+    None when there is no `nvidia-smi` on PATH (no NVIDIA driver: the CPU is the device);
+    [{"error": ...}] when it is there but fails (a driver that does not load).
+    """
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    # Drivers before ~510 do not know the compute_cap field: ask again without it.
+    for fields in ("name,driver_version,compute_cap", "name,driver_version"):
+        try:
+            done = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return [{"error": f"{exe} could not run ({type(err).__name__}: {err})"}]
+        if done.returncode == 0:
+            break
+    else:
+        message = (done.stderr or done.stdout).strip().splitlines()
+        return [{"error": f"{exe} fails: {message[0] if message else f'exit status {done.returncode}'}"}]
+    gpus = []
+    for line in done.stdout.strip().splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) >= 2:
+            gpus.append({"name": parts[0], "driver": parts[1], "compute_cap": parts[2] if len(parts) > 2 else None})
+    return gpus
+
+
+def _has_kernels(compute_cap: str, arch_list: list[str]) -> bool:
+    """Whether a build with `arch_list` (torch.cuda.get_arch_list()) runs on a GPU of `compute_cap`.
+
+    A cubin for sm_XY runs on X.Y' with Y' >= Y (same major); PTX (compute_XY) on any newer GPU.
+    """
+    try:
+        major, minor = (int(part) for part in compute_cap.split("."))
+    except ValueError:
+        return True  # unknown: let torch decide
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits[:-1].isdigit():
+            continue
+        arch_major, arch_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return True
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _driver_major(driver: str) -> int | None:
+    try:
+        return int(driver.split(".")[0])
+    except ValueError:
+        return None
+
+
+def gpu_problem() -> str | None:
+    """Why this torch cannot use the NVIDIA GPU this machine has, with the way out; None when it can,
+    when there is no NVIDIA GPU (`nvidia-smi` absent), or when $OFFROADSEG_ALLOW_CPU is set."""
+    if _flag(ALLOW_CPU_ENV):
+        return None
+    gpus = nvidia_gpus()
+    if not gpus:
+        return None
+    build = f"torch {torch.__version__}"
+    cuda = torch.version.cuda
+    if cuda is None:
+        return (f"this machine has an NVIDIA GPU, but {build} is a CPU-only build, so everything would run on the "
+                f"CPU. {_way_out()}")
+    needed = MIN_DRIVER.get(int(cuda.split(".")[0]))
+    errors = [gpu["error"] for gpu in gpus if "error" in gpu]
+    if errors:
+        return (f"{errors[0]}: the NVIDIA driver does not work, so {build} (CUDA {cuda}) would run on the CPU. "
+                f"{_way_out(needed)}")
+    gpu = gpus[0]
+    described = f"{gpu['name']} (driver {gpu['driver']}" + (f", compute {gpu['compute_cap']})" if gpu["compute_cap"] else ")")
+    archs = _arch_list()
+    no_kernels = bool(gpu["compute_cap"] and archs and not _has_kernels(gpu["compute_cap"], archs))
+    kernels = f"it has no kernels for compute {gpu['compute_cap']} (built for {' '.join(archs)})"
+    if not torch.cuda.is_available():
+        major = _driver_major(gpu["driver"])
+        if needed is not None and major is not None and major < needed:
+            reason = f"its CUDA {cuda} build needs an NVIDIA driver {needed} or newer, this one is {gpu['driver']}"
+        else:
+            reason = f"torch.cuda.is_available() is False (CUDA {cuda} build; check CUDA_VISIBLE_DEVICES and the driver)"
+        if no_kernels:
+            reason += f", and {kernels}"
+        return f"the NVIDIA GPU here, {described}, cannot be used by {build}: {reason}. {_way_out(needed, no_kernels)}"
+    if no_kernels:
+        return f"the NVIDIA GPU here, {described}, cannot be used by {build}: {kernels}. {_way_out(None, True)}"
+    return None
+
+
+def _arch_list() -> list[str]:
+    try:
+        return list(torch.cuda.get_arch_list())
+    except Exception:  # a build or driver state that cannot say: let torch decide later
+        return []
+
+
+def _way_out(needed: int | None = None, no_kernels: bool = False) -> str:
+    elsewhere = ("Elsewhere, install such a build" if no_kernels or not needed
+                 else f"Elsewhere, update the NVIDIA driver to {needed} or newer")
+    return ("Way out: a torch build made for this GPU and driver. On Kaggle, use its preinstalled torch: "
+            "`pip install --no-deps -e .` into Kaggle's own environment and run the notebooks there, not in "
+            "run_all.sh's .venv; or install, into an environment of its own, a torch built for an older CUDA "
+            "that lists this GPU's architecture (e.g. `pip install torch torchvision --index-url "
+            f"https://download.pytorch.org/whl/cu126`). {elsewhere}. "
+            f"To run on the CPU anyway, set {ALLOW_CPU_ENV}=1.")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m offroadseg.device", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 with a message when an NVIDIA GPU is present that this torch cannot use")
+    args = parser.parse_args(argv)
+    if not args.check:
+        parser.print_help()
+        return 0
+    problem = gpu_problem()
+    if problem is not None:
+        print(f"device: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

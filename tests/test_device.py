@@ -1,0 +1,120 @@
+"""The GPU check of run_all.sh (issue 13, defect 9): a fake `nvidia-smi` on PATH and patched torch.cuda
+stand in for the machines (an old driver, a P100, an H100)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offroadseg import device, engine
+
+# The pinned build's kernels (torch 2.14.1+cu130).
+CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+
+def fake_nvidia_smi(folder: Path, output: str, status: int = 0, knows_compute_cap: bool = True) -> Path:
+    """An `nvidia-smi` that answers the --query-gpu call with `output` (and exit `status`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    refuse = "" if knows_compute_cap else (
+        'case "$*" in *compute_cap*) echo \'Field "compute_cap" is not a valid field to query.\' >&2; exit 2;; esac\n')
+    (folder / "answer.txt").write_text(output + "\n")
+    # Shell builtins only: PATH holds nothing but this folder in most tests.
+    script.write_text(f'#!/bin/sh\n{refuse}while IFS= read -r line; do printf "%s\\n" "$line"; done < "{folder}/answer.txt"\n'
+                      f"exit {status}\n")
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """Sets up a machine: its nvidia-smi answer (None: no nvidia-smi) and what torch.cuda says."""
+    monkeypatch.delenv(device.ALLOW_CPU_ENV, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+    def make(output: str | None, available: bool, archs=CU130_ARCHS, **smi):
+        folder = tmp_path / "bin"
+        folder.mkdir(exist_ok=True)
+        if output is not None:
+            fake_nvidia_smi(folder, output, **smi)
+        monkeypatch.setenv("PATH", str(folder))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+
+    return make
+
+
+def test_an_old_driver_stops_with_the_driver_and_the_way_out(machine):
+    machine("Tesla T4, 535.104.05, 7.5", available=False)
+    problem = device.gpu_problem()
+    assert problem is not None
+    assert "Tesla T4 (driver 535.104.05, compute 7.5)" in problem
+    assert "needs an NVIDIA driver 580 or newer" in problem
+    assert "Kaggle" in problem and "OFFROADSEG_ALLOW_CPU=1" in problem
+
+
+def test_a_p100_has_no_kernels_in_the_pinned_build(machine):
+    machine("Tesla P100-PCIE-16GB, 580.65.06, 6.0", available=True)
+    problem = device.gpu_problem()
+    assert problem is not None and "Tesla P100-PCIE-16GB" in problem
+    assert "no kernels for compute 6.0 (built for sm_75 sm_80" in problem
+    assert "update the NVIDIA driver" not in problem  # a newer driver would not help
+    # Kaggle's P100 on an older driver: both reasons.
+    machine("Tesla P100-PCIE-16GB, 560.35.03, 6.0", available=False)
+    problem = device.gpu_problem()
+    assert "needs an NVIDIA driver 580 or newer, this one is 560.35.03, and it has no kernels for compute 6.0" in problem
+
+
+@pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3, 580.65.06, 9.0", "NVIDIA L4, 580.65.06, 8.9",
+                                 "Tesla T4, 580.65.06, 7.5"])
+def test_a_gpu_the_build_serves_passes(machine, gpu):
+    machine(gpu, available=True)  # the L4 (8.9) runs the sm_86 kernels
+    assert device.gpu_problem() is None
+
+
+def test_no_nvidia_gpu_or_the_escape_hatch_passes(machine, monkeypatch):
+    machine(None, available=False)  # no nvidia-smi: a CPU machine, the CPU is the device
+    assert device.gpu_problem() is None
+    machine("Tesla T4, 535.104.05, 7.5", available=False)
+    monkeypatch.setenv(device.ALLOW_CPU_ENV, "1")
+    assert device.gpu_problem() is None
+
+
+def test_an_nvidia_smi_without_compute_cap_or_a_broken_driver(machine, tmp_path):
+    machine("Tesla P100-PCIE-16GB, 470.82.01", available=False, knows_compute_cap=False)
+    assert device.nvidia_gpus() == [{"name": "Tesla P100-PCIE-16GB", "driver": "470.82.01", "compute_cap": None}]
+    assert "driver 470.82.01" in device.gpu_problem()
+    fake_nvidia_smi(tmp_path / "bin", "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.",
+                    status=9)
+    problem = device.gpu_problem()
+    assert "couldn't communicate with the NVIDIA driver" in problem and "Way out" in problem
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use CUDA (the child is not patched)")
+def test_the_command_run_all_sh_calls_exits_non_zero_with_the_message(tmp_path):
+    folder = fake_nvidia_smi(tmp_path / "bin", "Tesla T4, 450.80.02, 7.5")
+    env = {key: value for key, value in os.environ.items() if key != device.ALLOW_CPU_ENV}
+    env["PATH"] = f"{folder}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run([sys.executable, "-m", "offroadseg.device", "--check"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 1 and "Tesla T4 (driver 450.80.02" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    env["PATH"] = f"{tmp_path / 'empty'}{os.pathsep}{os.path.dirname(sys.executable)}"
+    assert subprocess.run([sys.executable, "-m", "offroadseg.device", "--check"], env=env, timeout=120).returncode == 0
+    script = (Path(__file__).parents[1] / "run_all.sh").read_text()
+    assert script.index("python -m offroadseg.device --check || exit 2") < script.index("# --- data:")
+
+
+def test_precision_rule_lives_in_device_and_engine_keeps_the_name(monkeypatch):
+    assert engine.resolve_precision is device.resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
+                        and False)
+    assert device.resolve_precision("auto") == "fp16"  # a T4: bf16 only by emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert device.resolve_precision("auto") == "bf16"
