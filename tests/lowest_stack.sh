@@ -3,6 +3,8 @@
 #
 #   tests/lowest_stack.sh            # build .lowest/venv once (reused while the pins are unchanged), run the tests
 #   tests/lowest_stack.sh --install  # only build the venv
+#   tests/lowest_stack.sh tests/test_models.py -x   # other pytest arguments instead of the whole tests/
+#   LOWEST_VENV=~/.cache/offroadseg/lowest tests/lowest_stack.sh   # a venv kept outside the checkout
 #
 # Why: `pip install -e .` on Kaggle or Colab keeps whatever torch/transformers is preinstalled, so every
 # lower bound in [project] dependencies is a promise; this checks it. The pins are derived from
@@ -48,4 +50,4 @@ fi
 [[ "${1:-}" == "--install" ]] && exit 0
 # The library from this checkout's lib/ (not installed: nothing to go stale).
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONPATH="$ROOT/lib" \
-  "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" tests "${@}"
+  "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o addopts= -m "not slow" "${@:-tests}"

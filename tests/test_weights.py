@@ -179,3 +179,19 @@ def test_download_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         weights.main(["download", "--model", "segformer-b1", "--pretrained", "./local", "--to", "w"])
     assert "nothing to download" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("notebook, role", [("02_train_segformer", "segformer"), ("03_train_deeplab", "deeplab"),
+                                            ("05_distill", "student")])
+def test_training_notebooks_take_a_weights_folder(notebook, role, tmp_path):
+    # ./run_all.sh --weights DIR sets the papermill parameter `weights` in each notebook that defines it;
+    # the notebook must hand it to model_plan, so the full profile's plan resolves inside DIR.
+    import nbformat
+
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / f"{notebook}.ipynb", as_version=4)
+    parameters = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    defaults: dict = {}
+    exec(parameters.source, {}, defaults)
+    assert defaults["weights"] is None
+    call = next(c.source for c in nb.cells if "training.model_plan(" in c.source)
+    assert "weights_dir=weights" in call and f'"{role}"' in call
