@@ -91,7 +91,8 @@ def write_standin_resnet(path: Path, depth: int, seed: int = 0) -> dict:
 
 def write_standin_weights(folder: Path, profile) -> list[Path]:
     """Stand-ins for every pretrained file `profile` needs, in `folder` under the weights-folder names
-    (full profile: mit-b2/, mit-b1/, resnet101-cd907fc2.pth; about 5 s and 350 MB). Returns their paths."""
+    (full profile: mit-b2/ 95 MB, mit-b1/ 53 MB, resnet101-cd907fc2.pth 171 MB; 8.8 s measured on the busy
+    2-core machine, so a test using it is slow). Returns their paths."""
     from offroadseg import weights
 
     paths = []
