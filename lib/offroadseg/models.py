@@ -256,8 +256,8 @@ def _from_pretrained_dtype() -> dict:
 
 
 def _key_names(entries) -> list[str]:
-    """Key names of a loading-info list: transformers 5 (and 4.x before 4.50) list mismatched keys as
-    (key, checkpoint shape, model shape) tuples, 4.50-4.57 as plain key strings."""
+    """Key names of a loading-info list, whichever form it takes: transformers 5 lists mismatched keys
+    as (key, checkpoint shape, model shape) tuples, 4.51 as plain key strings."""
     return [entry if isinstance(entry, str) else entry[0] for entry in entries]
 
 
