@@ -45,3 +45,62 @@ def make_small_dataset(root: Path, n_train: int = 4, n_val: int = 2, n_test: int
         for i in range(n):
             write_pair(root, split, f"{split}{i:03d}")
     return root
+
+
+# --------------------------------------------------------------------------- pretrained stand-ins
+# Random weights in the hub's and torchvision's real formats, under the names a weights folder uses
+# (offroadseg.weights): what `python -m offroadseg.weights download` would write, without a network.
+
+# The published nvidia/mit-bX configurations (config.json on the hub), written out here rather than
+# taken from offroadseg.models, so that a wrong size there is caught.
+MIT_CONFIGS = {
+    "b0": dict(depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 160, 256], decoder_hidden_size=256),
+    "b1": dict(depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=256),
+    "b2": dict(depths=[3, 4, 6, 3], hidden_sizes=[64, 128, 320, 512], decoder_hidden_size=768),
+}
+
+
+def write_standin_mit(folder: Path, variant: str, seed: int = 0):
+    """A random-weight `SegformerForImageClassification` with nvidia/mit-<variant>'s configuration
+    (1000 ImageNet classes), saved with save_pretrained into `folder`. Returns the model."""
+    import torch
+    from transformers import SegformerConfig, SegformerForImageClassification
+
+    torch.manual_seed(seed)
+    config = SegformerConfig(**MIT_CONFIGS[variant], num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1],
+                             patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], mlp_ratios=[4, 4, 4, 4],
+                             drop_path_rate=0.1, num_labels=1000, reshape_last_stage=True,
+                             architectures=["SegformerForImageClassification"])
+    model = SegformerForImageClassification(config)
+    model.save_pretrained(folder)
+    return model
+
+
+def write_standin_resnet(path: Path, depth: int, seed: int = 0) -> dict:
+    """A random torchvision resnet<depth> state_dict saved with torch.save (the format torch hub
+    caches). Returns the state dict."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def write_standin_weights(folder: Path, profile) -> list[Path]:
+    """Stand-ins for every pretrained file `profile` needs, in `folder` under the weights-folder names
+    (full profile: mit-b2/ 95 MB, mit-b1/ 53 MB, resnet101-cd907fc2.pth 171 MB; 8.8 s measured on the busy
+    2-core machine, so a test using it is slow). Returns their paths."""
+    from offroadseg import weights
+
+    paths = []
+    for entry in weights.entries(profile):
+        path = Path(folder) / entry.name
+        if entry.is_folder:
+            write_standin_mit(path, entry.source.split("mit-")[-1])
+        else:
+            write_standin_resnet(path, int(entry.model.split("resnet")[-1]))
+        paths.append(path)
+    return paths

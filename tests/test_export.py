@@ -62,6 +62,14 @@ def test_onnx_reproduces_pytorch_logits_for_any_batch_and_size(name, tmp_path):
         assert np.abs(onnx_logits - _torch_logits(model, images)).max() < 1e-3
 
 
+def test_dynamo_exporter_on_too_old_a_torch_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    with pytest.raises(RuntimeError, match=r"needs torch 2\.11 or newer; this is torch 2\.6\.0.*torchscript"):
+        export.export_onnx(_model("deeplabv3plus-resnet18"), tmp_path / "model.onnx", SIZE, exporter="dynamo")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(export._torch_version() < export.DYNAMO_MIN_TORCH, reason="dynamo exporter needs a newer torch")
 def test_dynamo_exporter_gives_the_same_logits_with_dynamic_batch(tmp_path):
     model = _model("deeplabv3plus-resnet18")
     path = export.export_onnx(model, tmp_path / "model.onnx", SIZE, exporter="dynamo")

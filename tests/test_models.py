@@ -127,18 +127,20 @@ def test_basic_block_resnet_is_dilated_to_stride_16():
     assert features[3].shape[-1] == 2 and os32.spec["options"]["atrous_rates"] == [3, 6, 9]
 
 
-def test_segformer_checkpoint_from_older_transformers_layout_loads():
-    # transformers renamed SegFormer's submodules in 5.x; old-layout keys are renamed on load.
-    from offroadseg.models import _SEGFORMER_RENAMES_BACK
+def test_segformer_checkpoint_from_other_transformers_layout_loads():
+    # transformers renamed SegFormer's submodules in 5.x; a checkpoint in the other major's layout
+    # (older under 5.x, newer under 4.x) is renamed on load.
+    from offroadseg.models import _SEGFORMER_RENAMES, _SEGFORMER_RENAMES_BACK
 
     source, target = build_model("segformer-b0"), build_model("segformer-b0")
-    old_layout = {}
+    to_other = _SEGFORMER_RENAMES_BACK if hasattr(source.encoder, "stages") else _SEGFORMER_RENAMES
+    other_layout = {}
     for key, value in source.state_dict().items():
-        for pattern, replacement in _SEGFORMER_RENAMES_BACK:
+        for pattern, replacement in to_other:
             key = re.sub(pattern, replacement, key)
-        old_layout[key] = value
-    assert set(old_layout) != set(source.state_dict())
-    target.load_state_dict(old_layout)
+        other_layout[key] = value
+    assert set(other_layout) != set(source.state_dict())
+    target.load_state_dict(other_layout)
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
 

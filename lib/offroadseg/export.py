@@ -28,7 +28,11 @@ Exporter (`exporter=`), measured with torch 2.14 / onnxscript 0.7 / onnxruntime
   opset 18 (onnx's version converter fails to take DeepLab's graph down to 17),
   and `torch.export` turns a dimension whose example size is 1 into a constant,
   so the example batch here is 2. Use it if a future torch drops the
-  TorchScript exporter.
+  TorchScript exporter. It needs torch 2.11 or newer (`DYNAMO_MIN_TORCH`, the
+  oldest release it was tested on): on torch 2.6 `torch.export` cannot keep
+  height and width dynamic for these models ("Constraints violated (height,
+  width)") and the fallback's graph fails to serialise (onnxscript 0.2/0.3), so
+  an older torch gets a clear error up front instead.
 
 INT8 (`quantize_int8`): static quantisation in QDQ format, per-channel
 weights, activation ranges calibrated (min/max) on a few real batches, after
@@ -65,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -82,6 +87,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
+DYNAMO_MIN_TORCH = (2, 11)  # the oldest torch the dynamo exporter was tested on here (fails on 2.6)
 # torch.export specialises a dimension whose example size is 0 or 1 to a constant.
 EXAMPLE_BATCH = 2
 # Bounds torch.export needs for the dynamic height and width (pixels).
@@ -110,6 +116,12 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
+    if exporter == "dynamo" and _torch_version() < DYNAMO_MIN_TORCH:
+        raise RuntimeError(
+            f"exporter='dynamo' needs torch {'.'.join(map(str, DYNAMO_MIN_TORCH))} or newer; this is torch "
+            f"{torch.__version__}, whose torch.export cannot keep height and width dynamic for these models. "
+            "Use exporter='torchscript' (the default) or upgrade torch."
+        )
     import onnx
 
     path = Path(path)
@@ -177,6 +189,11 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: str, opset: in
         external_data=False,  # one self-contained file (fine below protobuf's 2 GB)
         verbose=False,
     )
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", str(torch.__version__)).groups()
+    return int(major), int(minor)
 
 
 def _fsync(path: str | os.PathLike) -> None:

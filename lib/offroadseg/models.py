@@ -264,10 +264,32 @@ def _segformer_help(source: str, variant: str) -> str:
     folder = f"weights/{hub_id.split('/')[-1]}"
     return (
         f"To use it offline, download it on a machine with internet: "
-        f"`from transformers import SegformerForSemanticSegmentation; "
-        f"SegformerForSemanticSegmentation.from_pretrained('{hub_id}').save_pretrained('{folder}')`, "
-        f"copy the folder here and pass pretrained='{folder}'."
+        f"`python -m offroadseg.weights download --model segformer-{variant} --pretrained {hub_id} --to weights` "
+        f"(or by hand: `from transformers import {segformer_hub_class(hub_id)} as M; "
+        f"M.from_pretrained('{hub_id}').save_pretrained('{folder}')`), "
+        f"copy the folder here and pass pretrained='{folder}' (./run_all.sh: --weights weights)."
     )
+
+
+def segformer_hub_class(hub_id: str) -> str:
+    """The transformers class a SegFormer hub checkpoint is saved as: nvidia's MiT encoders
+    ("nvidia/mit-b2") are ImageNet classifiers, the others ("...-finetuned-ade-512-512") segmenters."""
+    return "SegformerForImageClassification" if hub_id.split("/")[-1].startswith("mit-") else "SegformerForSemanticSegmentation"
+
+
+def _from_pretrained_dtype() -> dict:
+    """The keyword that makes from_pretrained load in fp32: `dtype` from transformers 5 on, `torch_dtype`
+    before (5.x would keep a checkpoint's fp16; 4.x takes no `dtype`)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype" if major >= 5 else "torch_dtype": torch.float32}
+
+
+def _key_names(entries) -> list[str]:
+    """Key names of a loading-info list, whichever form it takes: transformers 5 lists mismatched keys
+    as (key, checkpoint shape, model shape) tuples, 4.51 as plain key strings."""
+    return [entry if isinstance(entry, str) else entry[0] for entry in entries]
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -299,7 +321,7 @@ def _load_segformer(source: str, config, variant: str):
             ignore_mismatched_sizes=True,
             output_loading_info=True,
             local_files_only=local_only,
-            dtype=torch.float32,  # transformers 5 would keep a checkpoint's fp16; train in fp32 + autocast
+            **_from_pretrained_dtype(),  # train in fp32 (+ autocast) whatever the checkpoint's dtype
         )
 
     def unavailable(what, error):
@@ -334,8 +356,8 @@ def _load_segformer(source: str, config, variant: str):
             except Exception as error:  # unreachable hub, unknown or gated repo
                 raise unavailable(what, error) from error
     encoder_prefix = "segformer."
-    missing = [k for k in info["missing_keys"] if k.startswith(encoder_prefix)]
-    mismatched = [k[0] for k in info["mismatched_keys"] if k[0].startswith(encoder_prefix)]
+    missing = [k for k in _key_names(info["missing_keys"]) if k.startswith(encoder_prefix)]
+    mismatched = [k for k in _key_names(info["mismatched_keys"]) if k.startswith(encoder_prefix)]
     if missing or mismatched:
         example = (missing + mismatched)[0]
         raise PretrainedUnavailable(
@@ -556,6 +578,8 @@ def _build_deeplab(cls, depth: int, num_classes: int, pretrained, options: dict)
 def _resnet_help(depth: int) -> str:
     return (
         f"To use ImageNet weights offline, save them on a machine with internet: "
+        f"`python -m offroadseg.weights download --model deeplabv3plus-resnet{depth} --pretrained DEFAULT --to weights` "
+        f"and pass the weights folder (./run_all.sh: --weights weights), or by hand: "
         f"`import torch, torchvision; torch.save(torchvision.models.resnet{depth}(weights='DEFAULT').state_dict(), "
         f"'weights/resnet{depth}.pth')`, copy the file here and pass pretrained='weights/resnet{depth}.pth'."
     )

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from . import augment
+from . import augment, weights
 from .data import SegmentationDataset
 from .decode_cache import cache_folder
 from .engine import TrainConfig, fit
@@ -25,8 +25,13 @@ from .scan import usable_pairs
 TRAIN_CACHE_SCALE = 1.5
 
 
-def model_plan(profile: Profile, role: str, **overrides) -> ModelPlan:
-    """The profile's plan for `role` (segformer, deeplab, student) with notebook overrides applied."""
+def model_plan(profile: Profile, role: str, weights_dir=None, **overrides) -> ModelPlan:
+    """The profile's plan for `role` (segformer, deeplab, student) with notebook overrides applied.
+
+    `weights_dir`: a weights folder (`offroadseg.weights`); the plan's hub id or torchvision weights
+    name then becomes the path of its file there, checked now, before any data is loaded. None keeps
+    `pretrained` as it is.
+    """
     if role not in ("segformer", "deeplab", "student"):
         raise ValueError(f"unknown role {role!r}: segformer, deeplab or student")
     plan = getattr(profile, role)
@@ -34,7 +39,10 @@ def model_plan(profile: Profile, role: str, **overrides) -> ModelPlan:
     unknown = set(overrides) - set(plan.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)} for {role}; valid: {sorted(plan.__dataclass_fields__)}")
-    return replace(plan, **overrides)
+    plan = replace(plan, **overrides)
+    if weights_dir is not None:
+        plan = replace(plan, pretrained=weights.resolve(plan.name, plan.pretrained, weights_dir))
+    return plan
 
 
 def augment_on_device() -> bool:
