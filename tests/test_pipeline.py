@@ -166,3 +166,16 @@ def test_a_run_without_a_trained_model_may_be_pointed_at_other_data(project, cap
     assert again.run.read_manifest()["data_root"] == str(other)
     with pytest.raises(pipeline.RunMismatch, match="profile 'demo' \\(now 'full'\\)"):
         pipeline.start("01_data_scan", run="r", profile="full", data=other)
+
+
+def test_image_size_set_on_the_teachers_is_what_later_notebooks_use(project):
+    data = project / "data"
+    assert pipeline.start("04_ensemble", run="a", profile="demo", data=data).profile.image_size == DEMO.image_size
+    teacher = pipeline.start("02_train_segformer", run="b", profile="demo", data=data, image_size=[64, 96])
+    assert teacher.profile.image_size == (64, 96) and DEMO.image_size != (64, 96)
+    # 04-06 run later without the parameter (by hand, or --set on 02 only): the teachers' size, not the profile's.
+    for step in ("04_ensemble", "05_distill", "06_evaluate"):
+        assert pipeline.start(step, run="b", profile="demo", data=data, image_size=None).profile.image_size == (64, 96)
+    assert pipeline.start("06_evaluate", run="b", profile="demo", data=data, image_size=[32, 48]).profile.image_size == (32, 48)
+    with pytest.raises(ValueError, match="image_size must be \\[height, width\\]"):
+        pipeline.start("02_train_segformer", run="c", profile="demo", data=data, image_size=[64])

@@ -134,9 +134,31 @@ def start(step: str, run: str, profile: str, data: str | os.PathLike | None = No
         print(note)
     data_root = resolve_data_root(data)
     check_data_unchanged(folder, step, data_root)
+    size = run_image_size(folder, parameters.get("image_size"))
+    if size is not None:
+        chosen = chosen.with_overrides(image_size=size)
     record_step(folder, step, {"profile": profile, "data": None if data is None else str(data), **parameters},
                 profile=profile, data_root=data_root, seed=chosen.seed)
     return Context(step=step, run=folder, profile=chosen, data_root=data_root, parameters=parameters)
+
+
+def run_image_size(folder: Run, given) -> tuple[int, int] | None:
+    """The model input size (height, width) a notebook uses, when not the profile's own.
+
+    `given` (a notebook's `image_size` parameter) wins; None takes the size an earlier notebook of
+    this run was given (the teachers' in 02/03), so 04-06 score and distil at the size the models
+    were trained at however the run was started: `--set image_size=...` on 02 alone, or by hand.
+    """
+    if given is not None:
+        if len(given) != 2 or not all(isinstance(v, int) and v > 0 for v in given):
+            raise ValueError(f"image_size must be [height, width] in pixels, got {given!r}")
+        return int(given[0]), int(given[1])
+    steps = folder.read_manifest().get("steps", {})
+    for step in sorted(steps, reverse=True):  # the latest notebook that was given one
+        recorded = (steps[step].get("parameters") or {}).get("image_size")
+        if recorded is not None:
+            return int(recorded[0]), int(recorded[1])
+    return None
 
 
 # Which notebook writes which artifact: a missing input names the notebook to run first.
