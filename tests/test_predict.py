@@ -324,3 +324,27 @@ def test_write_predictions_and_per_image_results_use_the_one_path(checkpoint, tm
                                   eval_transform(INPUT, keep_mask_size=True))
     rows = evaluate.per_image_results(model, dataset)
     assert sorted(row["prediction"].shape for row in rows) == [(27, 50), (40, 64)]
+
+
+def test_training_glue_passes_the_inference_record_to_fit(tmp_path, monkeypatch):
+    """train_teacher records the profile's input size (no TTA); train_student also the flips of ensemble.json."""
+    from types import SimpleNamespace
+
+    from offroadseg.files import write_json
+    from offroadseg.profiles import DEMO
+
+    seen = {}
+    monkeypatch.setattr(training, "fit", lambda *args, **kwargs: seen.setdefault("info", []).append(kwargs["inference"]))
+    monkeypatch.setattr(training, "datasets", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(training, "build_model", lambda name, **kwargs: SimpleNamespace(spec={"name": name}))
+    student = SimpleNamespace(student=SimpleNamespace(spec={"name": "student"}), spec=None)
+    monkeypatch.setattr(training, "distillation_setup", lambda *args: (student, SimpleNamespace(step_loss=None)))
+    run = SimpleNamespace(dir=tmp_path, name="r", model_dir=lambda role: tmp_path / "models" / role)
+    ctx = SimpleNamespace(profile=DEMO, run=run)
+    write_json(tmp_path / "ensemble.json", {"tta": {"flips": ["h", "v"]}})
+    scan = {"sample_weights": None, "class_weights": [1.0] * 10}
+    training.train_teacher(ctx, "deeplab", scan, DEMO.deeplab, training.train_config(DEMO, DEMO.deeplab), progress=False)
+    training.train_student(ctx, scan, DEMO.student, training.train_config(DEMO, DEMO.student), progress=False)
+    teacher, distilled = seen["info"]
+    assert teacher["input_size"] == list(DEMO.image_size) and teacher["tta_flips"] == []
+    assert distilled["tta_flips"] == ["h", "v"] and distilled["spec"] == {"name": "student"}
