@@ -177,57 +177,87 @@ def write_prediction(out_dir, stem: str, labels: np.ndarray, image: np.ndarray |
 
 def predict_files(predictor, paths: Sequence, out_dir, input_size, batch_size: int = 4, flips: Sequence[str] = (),
                   scales=None, precision: str = "auto", color: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                  skip_unreadable: bool = False, progress: bool = True, desc: str = "predict") -> dict:
+                  skip_unreadable: bool = False, progress: bool = True, desc: str = "predict",
+                  background_writes: bool = True) -> dict:
     """Predict every image file of `paths` into `out_dir`/raw (and /color), at each image's own size.
 
     Files are decoded (`data.read_image`), predicted `batch_size` at a time (`predict_labels`) and
-    written (`write_prediction`). With `skip_unreadable` an unreadable file is named in a warning and
-    skipped (the run goes on); otherwise its DataError stops the run. Returns {"written": [raw paths],
-    "skipped": [(path, reason)], "images", "seconds" (end to end), "timings" {stage: seconds: decode,
-    preprocess, model, upsample_argmax, encode}, "class_pixels" (int64 per class)}.
+    written (`write_prediction`). With `background_writes` a batch's PNGs are encoded on one
+    worker thread while the next batch is decoded and predicted (zlib and Pillow's encoder release
+    the GIL; at most one batch waits, so memory stays bounded); errors still surface here. With
+    `skip_unreadable` an unreadable file is named in a warning and skipped (the run goes on);
+    otherwise its DataError stops the run. Returns {"written": [raw paths], "skipped": [(path,
+    reason)], "images", "seconds" (end to end), "timings" {stage: busy seconds: decode, preprocess,
+    model, upsample_argmax, encode (overlay + PNGs; overlapping the others when in the background)},
+    "class_pixels" (int64 per class)}.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0, "upsample_argmax": 0.0, "encode": 0.0}
-    written, skipped = [], []
+    written, skipped, pending = [], [], []
     class_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
     paths = [Path(p) for p in paths]
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
 
-    def flush(batch):
+    def write_batch(batch, labels):
+        tick = time.perf_counter()
+        out = [write_prediction(out_dir, path.stem, label, image if color else None)
+               for (path, image), label in zip(batch, labels)]
+        return out, time.perf_counter() - tick
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            raw_paths, seconds = pending.pop(0).result()
+            written.extend(raw_paths)
+            timings["encode"] += seconds
+            bar.update(len(raw_paths))
+
+    def flush(batch, pool):
         labels = predict_labels(predictor, [image for _, image in batch], input_size, flips=flips, scales=scales,
                                 precision=precision, mean=mean, std=std, timings=timings)
-        tick = time.perf_counter()
-        for (path, image), label in zip(batch, labels):
-            written.append(write_prediction(out_dir, path.stem, label, image if color else None))
+        for label in labels:
             class_pixels[:] += np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
-        timings["encode"] += time.perf_counter() - tick
-        bar.update(len(batch))
+        if pool is None:
+            raw_paths, seconds = write_batch(batch, labels)
+            written.extend(raw_paths)
+            timings["encode"] += seconds
+            bar.update(len(raw_paths))
+        else:
+            pending.append(pool.submit(write_batch, batch, labels))
+            collect(1)
 
-    batch = []
-    for path in paths:
-        tick = time.perf_counter()
-        try:
-            image = read_image(path)
-        except DataError as err:
-            if not skip_unreadable:
-                raise
-            warnings.warn(f"skipped {err}")
-            skipped.append((path, str(err)))
-            bar.update(1)
-            continue
-        finally:
-            timings["decode"] += time.perf_counter() - tick
-        batch.append((path, image))
-        if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
-    bar.close()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write") if background_writes else None
+    try:
+        batch = []
+        for path in paths:
+            tick = time.perf_counter()
+            try:
+                image = read_image(path)
+            except DataError as err:
+                if not skip_unreadable:
+                    raise
+                warnings.warn(f"skipped {err}")
+                skipped.append((path, str(err)))
+                bar.update(1)
+                continue
+            finally:
+                timings["decode"] += time.perf_counter() - tick
+            batch.append((path, image))
+            if len(batch) == batch_size:
+                flush(batch, pool)
+                batch = []
+        if batch:
+            flush(batch, pool)
+        collect(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        bar.close()
     return {"written": written, "skipped": skipped, "images": len(written),
             "seconds": time.perf_counter() - started, "timings": timings, "class_pixels": class_pixels}
 
