@@ -348,3 +348,19 @@ def test_training_glue_passes_the_inference_record_to_fit(tmp_path, monkeypatch)
     teacher, distilled = seen["info"]
     assert teacher["input_size"] == list(DEMO.image_size) and teacher["tta_flips"] == []
     assert distilled["tta_flips"] == ["h", "v"] and distilled["spec"] == {"name": "student"}
+
+
+def test_a_failed_background_write_stops_the_run(tmp_path, monkeypatch):
+    folder = images_folder(tmp_path / "frames", sizes=((24, 40), (24, 40)), jpeg_too=False)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_prediction", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate.predict_files(OnMeta(), sorted(folder.glob("*.png")), tmp_path / "out", (8, 8), batch_size=1,
+                               progress=False)
+    (folder / "broken.png").write_bytes(b"nope")
+    monkeypatch.undo()
+    with pytest.raises(evaluate.DataError, match="broken.png"):
+        evaluate.predict_files(OnMeta(), sorted(folder.glob("*.png")), tmp_path / "out", (8, 8), progress=False)
