@@ -364,3 +364,15 @@ def test_a_failed_background_write_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(evaluate.DataError, match="broken.png"):
         evaluate.predict_files(OnMeta(), sorted(folder.glob("*.png")), tmp_path / "out", (8, 8), progress=False)
+
+
+def test_onnx_on_a_gpu_without_the_cuda_provider_says_what_to_install(onnx_file, tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    folder = images_folder(tmp_path / "frames", sizes=((24, 40),), jpeg_too=False)
+    assert predict.main([str(onnx_file), str(folder), "--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert "onnxruntime-gpu" in capsys.readouterr().err
+    assert export.onnx_providers("auto") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert export.onnx_providers("auto")[0] == "CUDAExecutionProvider"

@@ -146,9 +146,12 @@ def load_predictor(model_path: Path, device_name: str, input_size=None):
         from .export import OnnxModel
 
         try:
-            predictor = OnnxModel(model_path, device="cpu" if device_name == "cpu" else "auto")
-        except UsageError:
-            raise
+            providers = {"cpu": "cpu", "auto": "auto"}.get(device_name, "cuda")
+            predictor = OnnxModel(model_path, device=providers)
+        except ValueError as err:  # --device cuda where onnxruntime has no CUDA provider
+            if "CUDAExecutionProvider" in str(err):
+                raise UsageError(f"--device {device_name}: {err}") from None
+            raise UsageError(f"MODEL {model_path}: not a readable ONNX model ({err})") from None
         except Exception as err:  # onnxruntime's InvalidProtobuf, InvalidGraph, ...
             raise UsageError(f"MODEL {model_path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
         info, kind = predictor.info, f"ONNX ({', '.join(predictor.providers)})"
