@@ -210,6 +210,11 @@ def test_cli_refuses_bad_models_and_an_output_inside_the_input(checkpoint, tmp_p
     assert predict.main([str(checkpoint), str(folder), "--out", str(out), "--quiet"]) == 0
     assert predict.main([str(checkpoint), str(tmp_path / "**" / "*.png"), "--out", str(out), "--quiet"]) == 0
     assert "1 images in" in capsys.readouterr().out.splitlines()[-1]
+    # Frames kept inside the output folder (not in its raw/ or color/) are input like any other.
+    images_folder(out / "frames", sizes=((24, 40),), jpeg_too=False)
+    (out / "frames" / "png0.png").rename(out / "frames" / "inside.png")
+    assert predict.main([str(checkpoint), str(out / "frames"), "--out", str(out), "--quiet"]) == 0
+    assert (out / "raw" / "inside.png").exists()
 
 
 def test_cli_old_checkpoint_needs_the_input_size(checkpoint, tmp_path, capsys):

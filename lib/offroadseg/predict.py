@@ -49,7 +49,7 @@ def collect_inputs(inputs, out_dir: Path) -> tuple[list[Path], list[tuple[Path, 
 
     Files named directly are always tried (a non-image one is then skipped by name); folders
     give their files with an image suffix. An output folder that is, or lies inside, an input
-    folder is refused, and no file under the output folder is ever read back as input.
+    folder is refused, and no file under its raw/ or color/ is ever read back as input.
     """
     out_dir = out_dir.resolve()
     files, skipped, ignored = [], [], 0
@@ -75,9 +75,10 @@ def collect_inputs(inputs, out_dir: Path) -> tuple[list[Path], list[tuple[Path, 
         else:
             skipped.append((path, "no such file or folder"))
     kept = []
+    outputs = (out_dir / "raw", out_dir / "color")
     for path in files:
         resolved = path.resolve()
-        if out_dir in resolved.parents:
+        if any(folder in resolved.parents for folder in outputs):
             continue  # an earlier prediction, matched by a glob: never input
         if path.suffix.lower() in VIDEO_SUFFIXES:
             skipped.append((path, VIDEO_MESSAGE.format(path=path)))
