@@ -7,21 +7,24 @@ ensemble_tta (`TestTimeAugmentation` around it); student_tta on request.
 Per predictor, latency at batch 1 (median and p90 of the timed runs after warm-up;
 `offroadseg.benchmark.time_fn`: perf_counter read after torch.cuda.synchronize):
 
-  native_ms         the real pipeline, end to end: a uint8 960x540 RGB frame (numpy, host)
-                    -> `evaluate.predict_native` (eval_transform on the CPU: antialiased resize
-                    to the model input and normalisation; copy to the device; model; logits
-                    upsampled bilinearly to 960x540; softmax; argmax) -> uint8 960x540 label
-                    map on the host. predict_native sets no autocast itself: it runs here
-                    under --precision, as evaluate_model runs under inference_autocast.
-  native_dev_ms     the same, preprocessing on the device instead (bench-local variant, not in
-                    lib): uint8 frame copied to the device, resized and normalised there.
-                    `agree` = share of pixels where its label map equals predict_native's.
+  native_ms         the real pipeline, frame to labels: a uint8 960x540 RGB frame (numpy, host)
+                    -> `evaluate.predict_labels`, the one prediction path (uint8 copied to the
+                    device, antialiased resize to the model input and normalisation there;
+                    model under --precision; logits upsampled bilinearly to 960x540 on a
+                    channels-last copy; argmax) -> uint8 960x540 label map on the host.
   model_ms          the predictor alone at the model input size (profile image_size).
   model_native_ms   the predictor fed the 960x540 frame directly, as notebook 06 times it
                     (benchmark.latency at latency_input [540, 960]); not the pipeline.
   pre_ms            (one row "preprocess") eval_transform alone on the CPU.
   first_s           seconds of the very first call (native path): cold start, and with
                     --compile the compilation (each path's first call is in the JSON).
+
+End to end (`predict` rows, --predict-images N, default 8; 0 skips): what
+`python -m offroadseg.predict` does, through `evaluate.predict_files`, on N 960x540 PNG frames
+written to a temporary folder: decode, preprocess, model, upsample + argmax, PNG encode of the
+raw mask and the overlay; ms per image and the share of each stage. Backends side by side: the
+student checkpoint (torch), its fp32 ONNX export and the INT8 quantisation of that export
+(onnxruntime; calibrated on random frames, which is enough for timing).
 
 Throughput: images/s of the predictor alone at the model input size for each batch size
 (1,2,4,8,16,32 on a GPU; 1,2,4,8 on a CPU), all reported in the JSON, the best in the
@@ -55,10 +58,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import autocast, parse_size, profile_models, resolve_device, resolve_precision, save_results, size_str, table  # noqa: E402
 
-from offroadseg.augment import eval_transform, normalize  # noqa: E402
+from offroadseg.augment import eval_transform  # noqa: E402
 from offroadseg.benchmark import _is_out_of_memory, time_fn  # noqa: E402
-from offroadseg.ensemble import Ensemble, TestTimeAugmentation, probabilities  # noqa: E402
-from offroadseg.evaluate import predict_native  # noqa: E402
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation  # noqa: E402
+from offroadseg.evaluate import predict_files, predict_labels  # noqa: E402
 from offroadseg.models import build_model, count_parameters  # noqa: E402
 from offroadseg.profiles import PROFILES  # noqa: E402
 
@@ -66,7 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PREDICTORS = ("segformer", "deeplab", "student", "ensemble", "ensemble_tta")
 COMPOSITES = ("ensemble", "ensemble_tta", "student_tta")
 NATIVE = (540, 960)
-COLUMNS = ["predictor", "params_M", "weights", "precision", "input", "native_ms", "native_p90", "native_dev_ms", "agree",
+COLUMNS = ["predictor", "params_M", "weights", "precision", "input", "native_ms", "native_p90",
            "model_ms", "model_p90", "model_native_ms", "best_batch", "images_per_s", "first_s"]
 
 
@@ -147,19 +150,6 @@ def timed_once(fn, device) -> float:
     return time.perf_counter() - started
 
 
-def native_on_device(predictor, frame: torch.Tensor, size, device, ctx, channels_last: bool) -> torch.Tensor:
-    """predict_native with the resize and normalisation done on the device (bench-local variant)."""
-    with torch.inference_mode():
-        x = frame.to(device, non_blocking=True).permute(2, 0, 1)[None].float()
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        x = normalize(x / 255.0)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with ctx:
-            probs = probabilities(predictor, x, size=frame.shape[:2])
-        return probs.argmax(dim=1)[0].to(torch.uint8).cpu()
-
-
 def model_call(predictor, x, ctx):
     def call():
         with torch.inference_mode(), ctx:
@@ -195,6 +185,53 @@ def measure_throughput(predictor, size, batches, device, ctx, channels_last, war
     return {"best_batch": best[0], "images_per_s": best[1], "per_batch": per_batch}
 
 
+PREDICT_COLUMNS = ["backend", "images", "ms_per_image", "images_per_s", "decode_%", "preprocess_%", "model_%",
+                   "upsample_argmax_%", "encode_%"]
+
+
+def measure_predict(student, size, native, count: int, batch_size: int, device, precision: str) -> list[dict]:
+    """End-to-end `predict_files` rows for the checkpoint, its fp32 ONNX export and INT8, on `count` frames."""
+    import tempfile
+
+    from offroadseg.data import write_image
+    from offroadseg.export import OnnxModel, export_onnx, quantize_int8
+    from offroadseg.modelinfo import inference_info
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        # Smooth frames (a blurred noise field), not white noise: PNG decode/encode costs depend on content.
+        base = rng.integers(0, 256, size=(native[0] // 8 + 1, native[1] // 8 + 1, 3), dtype=np.uint8)
+        frames = []
+        for k in range(count):
+            small = np.roll(base, k, axis=1)
+            frame = torch.from_numpy(small).permute(2, 0, 1)[None].float()
+            frame = F.interpolate(frame, size=native, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+            path = tmp / "frames" / f"frame{k:03d}.png"
+            write_image(path, frame.round().clamp(0, 255).byte().numpy())
+            frames.append(path)
+        student = student.to(device).eval()
+        onnx_path = export_onnx(student.cpu(), tmp / "student.onnx", size, inference=inference_info(size))
+        student = student.to(device)
+        calibration = [torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+        int8_path = quantize_int8(onnx_path, tmp / "student_int8.onnx", calibration, latency_runs=0)["path"]
+        backends = {"checkpoint (torch)": student, "onnx fp32": OnnxModel(onnx_path, device=str(device.type)),
+                    "onnx int8": OnnxModel(int8_path, device=str(device.type))}
+        for name, predictor in backends.items():
+            predict_files(predictor, frames[:1], tmp / "warmup", size, batch_size=1, precision=precision, progress=False)
+            result = predict_files(predictor, frames, tmp / name.split()[0], size, batch_size=batch_size,
+                                   precision=precision, progress=False)
+            total = result["seconds"]
+            row = {"backend": name, "images": result["images"], "ms_per_image": 1000 * total / result["images"],
+                   "images_per_s": result["images"] / total, "batch_size": batch_size,
+                   "stage_ms_per_image": {k: 1000 * v / result["images"] for k, v in result["timings"].items()}}
+            row.update({f"{k}_%": 100 * v / total for k, v in result["timings"].items()})
+            rows.append(row)
+            print(table([row], PREDICT_COLUMNS), flush=True)
+    return rows
+
+
 def summary(timing: dict) -> dict:
     return {k: timing[k] for k in ("median_ms", "p90_ms", "min_ms", "runs")}
 
@@ -224,6 +261,10 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget per measurement (default none on GPU, 10 s on CPU)")
     parser.add_argument("--skip-model-native", action="store_true", help="leave out model_native_ms")
+    parser.add_argument("--predict-images", type=int, default=None,
+                        help="end-to-end predict rows on this many frames (default 8, --quick 2; 0 skips)")
+    parser.add_argument("--predict-batch", type=int, default=4, help="batch size of the end-to-end predict rows")
+    parser.add_argument("--predict-only", action="store_true", help="only the end-to-end predict rows")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64x96 input, 90x160 frames, 2 runs, batches 1,2")
     parser.add_argument("--out", default=None, help="JSON results path (default bench/results/inference.json)")
     args = parser.parse_args(argv)
@@ -261,10 +302,15 @@ def main(argv=None) -> None:
 
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, size=(*native, 3), dtype=np.uint8)  # pixel values do not change the cost
-    frame_t = torch.from_numpy(frame)
-    if on_gpu:
-        frame_t = frame_t.pin_memory()
     transform = eval_transform(size)
+    predict_images = args.predict_images if args.predict_images is not None else (2 if args.quick else 8)
+    predict_rows = []
+    if predict_images > 0:
+        student, _ = load_member("student", profile, args.checkpoints)
+        predict_rows = measure_predict(student, size, native, predict_images, args.predict_batch, device, precision)
+        student = None
+    if args.predict_only:
+        predictors = {}
 
     rows = []
     pre = time_fn(lambda: transform(frame, None), warmup=warmup, runs=runs, device=torch.device("cpu"),
@@ -291,24 +337,13 @@ def main(argv=None) -> None:
                "compiled": args.compile}
         first_calls = {}
 
-        # end-to-end from the uint8 frame, lib path
+        # frame to labels, the one prediction path
         def lib_path():
-            with ctx:
-                return predict_native(predictor, frame, transform, device)
+            return predict_labels(predictor, [frame], size, precision=precision)
 
         first_calls["native"] = timed_once(lib_path, device)
         timing = time_fn(lib_path, warmup=warmup, runs=runs, device=device, max_seconds=max_seconds)
         row.update(native_ms=timing["median_ms"], native_p90=timing["p90_ms"], native_timing=summary(timing))
-
-        # end-to-end, preprocessing on the device
-        def dev_path():
-            return native_on_device(predictor, frame_t, size, device, ctx, args.channels_last)
-
-        first_calls["native_dev"] = timed_once(dev_path, device)
-        timing = time_fn(dev_path, warmup=warmup, runs=runs, device=device, max_seconds=max_seconds)
-        agree = float((dev_path().numpy() == lib_path()).mean())
-        row.update(native_dev_ms=timing["median_ms"], native_dev_p90=timing["p90_ms"], native_dev_timing=summary(timing),
-                   agree=agree)
 
         # the predictor alone at the model input size
         x = random_input(1, size, device, args.channels_last)
@@ -345,9 +380,13 @@ def main(argv=None) -> None:
           f"latency: batch 1, median of up to {runs} runs after {warmup} warm-up; frames {size_str(native)}, "
           f"model input {size_str(size)}; throughput batches {batches} at the model input")
     print(table(rows, COLUMNS))
+    if predict_rows:
+        print(f"\nend to end (evaluate.predict_files, as python -m offroadseg.predict): {predict_images} PNG frames "
+              f"{size_str(native)}, batch {args.predict_batch}, model input {size_str(size)}")
+        print(table(predict_rows, PREDICT_COLUMNS))
     print("reference report: student 40 ms/image, ensemble 85 ms/image; H100 targets at 960x540: "
           "student <= 4 ms, ensemble <= 10 ms")
-    path = save_results("inference", rows, args.out, device=str(device), device_name=where, profile=profile.name,
+    path = save_results("inference", rows, args.out, predict_rows=predict_rows, device=str(device), device_name=where, profile=profile.name,
                         checkpoints=args.checkpoints, ensemble_settings={k: (list(v) if isinstance(v, tuple) else v)
                                                                           for k, v in settings.items()},
                         model_input=list(size), native=list(native), precision=precision,

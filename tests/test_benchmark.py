@@ -44,15 +44,15 @@ class Recorder(nn.Module):
         self.seen = []
 
     def forward(self, x):
-        self.seen.append((tuple(x.shape), torch.is_grad_enabled()))
+        self.seen.append((tuple(x.shape), torch.is_grad_enabled(), self.training))
         return self.conv(x)
 
 
 def test_latency_runs_the_model_in_eval_mode_without_gradients():
     model = Recorder().train()
     result = latency(model, input_size=(16, 24), device="cpu", warmup=1, runs=3)
-    assert not model.training
-    assert model.seen == [((1, 3, 16, 24), False)] * 4
+    assert model.training  # put back as it came
+    assert model.seen == [((1, 3, 16, 24), False, False)] * 4
     assert result["runs"] == 3 and result["batch"] == 1 and result["input_size"] == [16, 24]
     assert result["device"] == "cpu" and result["precision"] == "fp32"
     assert 0 < result["median_ms"] <= result["p90_ms"]

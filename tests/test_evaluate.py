@@ -40,7 +40,7 @@ class _Fixed(torch.nn.Module):
 
 def test_write_predictions_native_size_raw_ids(tmp_path):
     image_path, _ = write_pair(tmp_path / "data", "test", "t0", np.full((40, 64), 10000, np.uint16))
-    written = evaluate.write_predictions(_Fixed(), [(image_path, None)], tmp_path / "pred", eval_transform((20, 32)),
+    written = evaluate.write_predictions(_Fixed(), [(image_path, None)], tmp_path / "pred", (20, 32),
                                          progress=False)
     raw = read_raw_mask(written[0])
     assert raw.shape == (40, 64) and raw.dtype == np.uint16
@@ -73,6 +73,6 @@ def test_write_predictions_removes_an_earlier_runs_stale_files(tmp_path):
     for sub in ("raw", "color"):
         (tmp_path / "pred" / sub).mkdir(parents=True)
         (tmp_path / "pred" / sub / "gone.png").write_bytes(b"from an earlier run")
-    evaluate.write_predictions(_Fixed(), [(image_path, None)], tmp_path / "pred", eval_transform((20, 32)),
+    evaluate.write_predictions(_Fixed(), [(image_path, None)], tmp_path / "pred", (20, 32),
                                progress=False)
     assert sorted(p.name for p in (tmp_path / "pred").rglob("*.png")) == ["t0.png", "t0.png"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ensemble import prepare_for_inference, default_device, inference_autocast
+from .ensemble import default_device, inference_autocast, on_device, precision_name
 
 NATIVE_SIZE = (540, 960)  # (height, width) of the Falcon images
 
@@ -99,9 +99,10 @@ def latency(
 ) -> dict:
     """Milliseconds per forward of `model` on a random (batch, 3, H, W) input, as in evaluation.
 
-    `input_size` is (height, width), the native 960x540 by default. A module is
-    moved to `device` and put in eval mode. Returns `time_fn`'s fields plus
-    device, input_size [H, W], batch and precision ("bf16", "fp16" or "fp32").
+    `input_size` is (height, width), the native 960x540 by default. A module runs
+    on `device` in eval mode and is put back where and as it was afterwards
+    (`ensemble.on_device`: the caller's model is never moved behind its back).
+    Returns `time_fn`'s fields plus device, input_size [H, W], batch and precision ("bf16", "fp16" or "fp32").
 
     Defaults: on a GPU 10 warm-up and 50 timed calls (milliseconds each); on a
     CPU 1 warm-up and up to 10 timed calls within `max_seconds` of timing, so a
@@ -112,10 +113,10 @@ def latency(
     on_gpu = device.type == "cuda"
     warmup = warmup if warmup is not None else (10 if on_gpu else 1)
     runs = runs if runs is not None else (50 if on_gpu else 10)
-    model = prepare_for_inference(model, device)
     x = _random_input(batch, input_size, device)
-    timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
-                     max_seconds=max_seconds)
+    with on_device(model, device):
+        timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
+                         max_seconds=max_seconds)
     return {**timing, "device": _device_name(device), "input_size": list(input_size), "batch": batch,
             "precision": _precision(device)}
 
@@ -127,10 +128,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _precision(device: torch.device) -> str:
-    context = inference_autocast(device)
-    if isinstance(context, torch.autocast):
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[context.fast_dtype]
-    return "fp32"
+    return precision_name(device)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -155,17 +153,26 @@ def throughput(
     """Images per second of `model` at growing batch sizes; the best batch size and its rate.
 
     Batch sizes are tried in increasing order; growing stops at the first size
-    that runs out of memory, that does not beat the best images/s so far
-    (larger batches will not either, once the device is saturated), or once
-    `time_budget_s` is spent (each size also gets at most its share of it).
+    that fails, that does not beat the best images/s so far (larger batches
+    will not either, once the device is saturated), or once `time_budget_s` is
+    spent (each size also gets at most its share of it). A failing size is
+    recorded as {"error": "out of memory"} or, for any other error (a kernel's
+    size limit, say), {"error": "<Type>: <message>"}, never called a memory
+    problem; the sizes timed before it still count. Only when no size at all
+    could be timed is that error raised. The model runs on `device` in eval
+    mode and is put back where and as it was (`ensemble.on_device`).
     Returns {"best_batch", "images_per_s", "per_batch": {batch: {"images_per_s",
-    "median_ms", "runs"} or {"error": "out of memory"}}, "device",
-    "input_size", "precision"}.
+    "median_ms", "runs"} or {"error": ...}}, "device", "input_size", "precision"}.
     """
     device = default_device(device)
-    model = prepare_for_inference(model, device)
+    with on_device(model, device):
+        return _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, runs)
+
+
+def _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, runs) -> dict:
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
     per_batch: dict[int, dict] = {}
+    failure = None
     best_batch, best_rate = None, -math.inf
     started = time.perf_counter()
     for batch in batch_sizes:
@@ -176,10 +183,12 @@ def throughput(
             x = _random_input(batch, input_size, device)
             timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
                              max_seconds=min(remaining, time_budget_s / len(batch_sizes)))
-        except Exception as error:
-            if not _is_out_of_memory(error):
-                raise
-            per_batch[batch] = {"error": "out of memory"}
+        except Exception as error:  # noqa: BLE001 - recorded per batch size, raised below if nothing ran
+            if _is_out_of_memory(error):
+                per_batch[batch] = {"error": "out of memory"}
+            else:
+                per_batch[batch] = {"error": f"{type(error).__name__}: {error}"}
+                failure = error
             x = None  # drop the last input before handing the cached memory back
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -190,6 +199,6 @@ def throughput(
             break
         best_batch, best_rate = batch, rate
     if best_batch is None:
-        raise RuntimeError(f"no batch size of {batch_sizes} could be timed: {per_batch}")
+        raise RuntimeError(f"no batch size of {batch_sizes} could be timed: {per_batch}") from failure
     return {"best_batch": best_batch, "images_per_s": best_rate, "per_batch": per_batch,
             "device": _device_name(device), "input_size": list(input_size), "precision": _precision(device)}

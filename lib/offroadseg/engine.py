@@ -10,7 +10,8 @@ Run folder (outputs/<run>/models/<name>/ = `out_dir`):
     previous.pt   the one before it: the fallback when last.pt is found damaged
     history.json  one dict per finished epoch (see `fit`)
 A checkpoint is a dict: model (CPU state_dict, decoder pruning folded in), spec, optimizer,
-scheduler, scaler, epoch, best_miou, best_epoch, skipped_steps, history, rng, config, setup.
+scheduler, scaler, epoch, best_miou, best_epoch, skipped_steps, history, rng, config, setup,
+inference (what predicting on new images needs, `offroadseg.modelinfo`; None if not given).
 It holds only plain types and tensors, so it loads with torch.load(weights_only=True).
 Every file is replaced atomically, and every read checks the CRC32 of each of the archive's
 members first (torch.load itself reads flipped bytes without complaint), so a damaged file
@@ -664,6 +665,7 @@ def fit(
     progress: bool = True,
     data_id: str | None = None,
     batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    inference: dict | None = None,
 ) -> list[dict]:
     """Train `model` on `train_set`, validate on `val_set` each epoch, checkpoint into `out_dir`.
 
@@ -676,6 +678,8 @@ def fit(
     the checkpoints, so resuming on changed data is refused rather than mixing two datasets.
     `batch_transform(images, masks) -> (images, masks)` runs on each training batch once it is on
     the device (`augment.BatchAugment`: augmentation on the GPU, the train set then yields uint8).
+    `inference` (`modelinfo.inference_info(...)`: input size, normalisation, class table, TTA flips)
+    is stored in every checkpoint under "inference", so the model file describes itself.
 
     If out_dir/last.pt exists, training resumes after its epoch (settings must match, see
     RESUMABLE_CHANGES); a finished run returns its history without training.
@@ -842,6 +846,7 @@ def fit(
                 "rng": _rng_state(),
                 "config": asdict(config),
                 "setup": setup,
+                "inference": inference,
             }
             if improved:
                 save_checkpoint(state, out_dir / "best.pt")

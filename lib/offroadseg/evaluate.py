@@ -1,4 +1,7 @@
-"""Final evaluation (notebook 06): scores per model, per-image ranking, confusions, predictions.
+"""Final evaluation (notebook 06): scores per model, per-image ranking, confusions, predictions,
+and the one prediction path every caller shares (`predict_labels`: notebook 06's test
+predictions and best/worst rows, the uncertainty ranking, `python -m offroadseg.predict`,
+bench/inference.py).
 
 metrics.json (what users and scripts read) holds one row per evaluated model:
 {"model", "params", "latency_ms": {"median", "p90", "device", "input_size"}, "images_per_s",
@@ -7,13 +10,20 @@ metrics.json (what users and scripts read) holds one row per evaluated model:
 
 from __future__ import annotations
 
+import time
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
+from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
-from .data import read_image, write_image, write_raw_mask
+from .data import DataError, read_image, write_image, write_raw_mask
+from .ensemble import TestTimeAugmentation, default_device, inference_autocast, model_device, on_device, upsampled_argmax
 from .files import read_json, write_json
 from .metrics import confusion_matrix, per_class, scores
 
@@ -39,39 +49,235 @@ def per_image_scores(predictions, targets) -> list[float]:
     return [scores(confusion_matrix(p, t))["miou"] for p, t in zip(predictions, targets)]
 
 
+# ------------------------------------------------------------------ the one prediction path
+
+
+def frames_to_batch(frames: Sequence, input_size, device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 RGB frames (H x W x 3 numpy arrays or tensors, any sizes) -> the model's input batch.
+
+    Each frame goes to `device` as uint8 (a quarter of float's bytes over PCIe), then is resized
+    there to `input_size` (height, width; antialiased bilinear, as `augment.eval_transform`
+    does) and normalised with `mean`/`std`. Frames of one size are resized as one batch.
+    """
+    height, width = (int(s) for s in input_size)
+    out = torch.empty(len(frames), 3, height, width, device=device)
+    by_size: dict[tuple, list[int]] = {}
+    for index, frame in enumerate(frames):
+        by_size.setdefault(tuple(frame.shape[:2]), []).append(index)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+    for size, indices in by_size.items():
+        # np.require: PIL's arrays are read-only, which torch warns about (the stack copies anyway).
+        group = torch.stack([torch.as_tensor(np.require(frames[i], requirements=("C", "W"))) if isinstance(frames[i], np.ndarray)
+                             else torch.as_tensor(frames[i]) for i in indices])
+        if group.dtype != torch.uint8 or group.ndim != 4 or group.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 RGB (H, W, 3), got {tuple(group.shape[1:])} {group.dtype}")
+        group = group.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        if size != (height, width):
+            group = TF.resize(group, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        out[indices] = (TF.to_dtype(group, torch.float32, scale=True) - mean_t) / std_t
+    return out
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Clock:
+    """Adds the seconds of each stage to `timings` (when given); synchronises a GPU so work is counted
+    where it runs, not where it was queued."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device = timings, device
+        self.last = time.perf_counter() if timings is not None else None
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        _synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
 @torch.inference_mode()
-def predict_native(predictor, image: np.ndarray, transform, device="cpu") -> np.ndarray:
-    """Class indices at the image's own resolution: model input at `transform`'s size, outputs
-    upsampled bilinearly to the native size before the argmax (labels are never resized)."""
-    from .ensemble import probabilities
+def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequence[str] = (), scales=None,
+                   precision: str = "auto", mean=IMAGENET_MEAN, std=IMAGENET_STD, return_log_probs: bool = False,
+                   timings: dict | None = None):
+    """THE prediction path: class-index maps (uint8 numpy, one per image) from any predictor.
 
-    tensor, _ = transform(image, None)
-    probs = probabilities(predictor, tensor[None].to(device), size=image.shape[:2])
-    return probs.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
+    `images`: uint8 RGB frames (a list of H x W x 3 arrays or tensors, sizes may differ), resized
+    and normalised on the device to `input_size` (`frames_to_batch`); or an already normalised
+    float batch (N, 3, h, w), used as it is. Each label map comes back at its frame's own size
+    (for a float batch: `sizes`, one (H, W) or one per image; default the batch's own size):
+    the model's output is upsampled bilinearly before the argmax (`ensemble.upsampled_argmax`),
+    labels are never resized.
+
+    Rules every caller gets: inputs go to the predictor's device (`ensemble.model_device`), the
+    predictor runs in eval mode and is left where and as it was (`ensemble.on_device`), under
+    `ensemble.inference_autocast(device, precision)`. `flips`/`scales` wrap it in test-time
+    augmentation. Logits or probabilities (`returns_probs`) both work: the argmax needs no softmax.
+
+    `return_log_probs=True` returns (labels, log_probs): fp32 log-probabilities (N, C, h, w) at
+    the model's output size, on the device (what uncertainty measures need). `timings` (a dict)
+    accumulates seconds per stage: "preprocess", "model", "upsample_argmax".
+    """
+    device = model_device(predictor)
+    clock = _Clock(timings, device)
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        x = images.to(device, non_blocking=True)
+        if x.ndim == 3:
+            x = x[None]
+        native = [tuple(x.shape[-2:])] * len(x)
+    else:
+        frames = list(images)
+        if input_size is None:
+            raise ValueError("uint8 frames need the model's input_size (height, width)")
+        native = [tuple(frame.shape[:2]) for frame in frames]
+        x = frames_to_batch(frames, input_size, device, mean, std)
+    if sizes is not None:
+        sizes = [tuple(sizes)] * len(x) if len(sizes) == 2 and isinstance(sizes[0], int) else [tuple(s) for s in sizes]
+        if len(sizes) != len(x):
+            raise ValueError(f"{len(sizes)} output sizes for {len(x)} images")
+        native = sizes
+    clock.lap("preprocess")
+    model = TestTimeAugmentation(predictor, flips=tuple(flips), scales=scales) if (flips or scales) else predictor
+    with on_device(predictor), inference_autocast(device, precision):
+        out = model(x)
+    out = out.float()
+    clock.lap("model")
+    if len(set(native)) == 1:
+        labels = list(upsampled_argmax(out, native[0]).to("cpu", torch.uint8).numpy())
+    else:
+        labels = [upsampled_argmax(out[i : i + 1], size)[0].to("cpu", torch.uint8).numpy()
+                  for i, size in enumerate(native)]
+    clock.lap("upsample_argmax")
+    if not return_log_probs:
+        return labels
+    if getattr(model, "returns_probs", False):
+        log_probs = out.clamp_min(torch.finfo(torch.float32).tiny).log()
+    else:
+        log_probs = out.log_softmax(dim=1)
+    return labels, log_probs
 
 
-def write_predictions(predictor, pairs, out_dir, transform, device="cpu", progress: bool = True) -> list[Path]:
-    """Predictions for every image of `pairs`: raw/<stem>.png (raw IDs, 16-bit, the masks' own
-    format) and color/<stem>.png (overlay), both at the native resolution, written atomically."""
+def write_prediction(out_dir, stem: str, labels: np.ndarray, image: np.ndarray | None = None) -> Path:
+    """raw/<stem>.png (raw IDs, 16-bit, the masks' own format) and, given the image, color/<stem>.png
+    (overlay), both atomically, in `out_dir`; returns the raw path."""
+    from .plots import overlay  # here, not at the top: plots imports pyplot, a second of the CLI's start-up
+
+    out_dir = Path(out_dir)
+    raw_path = out_dir / "raw" / f"{stem}.png"
+    write_raw_mask(raw_path, INDEX_TO_RAW[labels])
+    if image is not None:
+        write_image(out_dir / "color" / f"{stem}.png", overlay(image, labels))
+    return raw_path
+
+
+def predict_files(predictor, paths: Sequence, out_dir, input_size, batch_size: int = 4, flips: Sequence[str] = (),
+                  scales=None, precision: str = "auto", color: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  skip_unreadable: bool = False, progress: bool = True, desc: str = "predict",
+                  background_writes: bool = True) -> dict:
+    """Predict every image file of `paths` into `out_dir`/raw (and /color), at each image's own size.
+
+    Files are decoded (`data.read_image`), predicted `batch_size` at a time (`predict_labels`) and
+    written (`write_prediction`). With `background_writes` a batch's PNGs are encoded on one
+    worker thread while the next batch is decoded and predicted (zlib and Pillow's encoder release
+    the GIL; at most one batch waits, so memory stays bounded); errors still surface here. With
+    `skip_unreadable` an unreadable file is named in a warning and skipped (the run goes on);
+    otherwise its DataError stops the run. Returns {"written": [raw paths], "skipped": [(path,
+    reason)], "images", "seconds" (end to end), "timings" {stage: busy seconds: decode, preprocess,
+    model, upsample_argmax, encode (overlay + PNGs; overlapping the others when in the background)},
+    "class_pixels" (int64 per class)}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    from .plots import overlay
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    timings = {"decode": 0.0, "preprocess": 0.0, "model": 0.0, "upsample_argmax": 0.0, "encode": 0.0}
+    written, skipped, pending = [], [], []
+    class_pixels = np.zeros(NUM_CLASSES, dtype=np.int64)
+    paths = [Path(p) for p in paths]
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
 
+    def write_batch(batch, labels):
+        tick = time.perf_counter()
+        out = [write_prediction(out_dir, path.stem, label, image if color else None)
+               for (path, image), label in zip(batch, labels)]
+        return out, time.perf_counter() - tick
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            raw_paths, seconds = pending.pop(0).result()
+            written.extend(raw_paths)
+            timings["encode"] += seconds
+            bar.update(len(raw_paths))
+
+    def flush(batch, pool):
+        labels = predict_labels(predictor, [image for _, image in batch], input_size, flips=flips, scales=scales,
+                                precision=precision, mean=mean, std=std, timings=timings)
+        for label in labels:
+            class_pixels[:] += np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
+        if pool is None:
+            raw_paths, seconds = write_batch(batch, labels)
+            written.extend(raw_paths)
+            timings["encode"] += seconds
+            bar.update(len(raw_paths))
+        else:
+            pending.append(pool.submit(write_batch, batch, labels))
+            collect(1)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write") if background_writes else None
+    try:
+        batch = []
+        for path in paths:
+            tick = time.perf_counter()
+            try:
+                image = read_image(path)
+            except DataError as err:
+                if not skip_unreadable:
+                    raise
+                warnings.warn(f"skipped {err}")
+                skipped.append((path, str(err)))
+                bar.update(1)
+                continue
+            finally:
+                timings["decode"] += time.perf_counter() - tick
+            batch.append((path, image))
+            if len(batch) == batch_size:
+                flush(batch, pool)
+                batch = []
+        if batch:
+            flush(batch, pool)
+        collect(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        bar.close()
+    return {"written": written, "skipped": skipped, "images": len(written),
+            "seconds": time.perf_counter() - started, "timings": timings, "class_pixels": class_pixels}
+
+
+def write_predictions(predictor, pairs, out_dir, input_size, device=None, batch_size: int = 4,
+                      progress: bool = True) -> list[Path]:
+    """Predictions for every image of `pairs` (notebook 06's test split): raw/<stem>.png and
+    color/<stem>.png in `out_dir` (`predict_files`), at the native resolution; files of an
+    earlier run for images no longer in `pairs` are removed. `input_size` (height, width) is the
+    model's; `device` None: the GPU when there is one (the predictor is put back afterwards)."""
     out_dir = Path(out_dir)
     # Predictions of an earlier run for images no longer in `pairs` would mix two runs in one folder.
     stems = {Path(image_path).stem for image_path, _ in pairs}
     for stale in [*out_dir.glob("raw/*.png"), *out_dir.glob("color/*.png")]:
         if stale.stem not in stems:
             stale.unlink()
-    written = []
-    for image_path, _ in tqdm(pairs, desc="predict", unit="img", disable=not progress):
-        image = read_image(image_path)
-        pred = predict_native(predictor, image, transform, device)
-        raw_path = out_dir / "raw" / f"{Path(image_path).stem}.png"
-        write_raw_mask(raw_path, INDEX_TO_RAW[pred])
-        write_image(out_dir / "color" / f"{Path(image_path).stem}.png", overlay(image, pred))
-        written.append(raw_path)
-    return written
+    with on_device(predictor, default_device(device)):
+        result = predict_files(predictor, [image_path for image_path, _ in pairs], out_dir, input_size,
+                               batch_size=batch_size, progress=progress)
+    return result["written"]
 
 
 def metrics_row(model: str, result: dict, params: int | None, latency: dict | None, throughput: dict | None,
@@ -131,7 +337,6 @@ def prediction_is_valid(path) -> bool:
     return bool((mask < NUM_CLASSES).all())
 
 
-@torch.inference_mode()
 def per_image_results(predictor, dataset, device=None, progress: bool = False) -> list[dict]:
     """Per-image mIoU of `predictor` on `dataset` (masks at their own size), best first.
 
@@ -139,18 +344,13 @@ def per_image_results(predictor, dataset, device=None, progress: bool = False) -
     """
     from tqdm.auto import tqdm
 
-    from .ensemble import default_device, inference_autocast, prepare_for_inference, probabilities
-
-    device = default_device(device)
-    predictor = prepare_for_inference(predictor, device)
     rows = []
-    for index in tqdm(range(len(dataset)), desc="per-image", disable=not progress):
-        image, mask = dataset[index]
-        with inference_autocast(device):
-            probs = probabilities(predictor, image[None].to(device), size=tuple(mask.shape[-2:]))
-        pred = probs.float().argmax(dim=1)[0].cpu()
-        rows.append({"index": index, "stem": dataset.stem(index), "miou": scores(confusion_matrix(pred, mask))["miou"],
-                     "prediction": pred.to(torch.uint8).numpy()})
+    with on_device(predictor, default_device(device)):
+        for index in tqdm(range(len(dataset)), desc="per-image", disable=not progress):
+            image, mask = dataset[index]
+            pred = predict_labels(predictor, image[None], sizes=tuple(mask.shape[-2:]))[0]
+            rows.append({"index": index, "stem": dataset.stem(index), "prediction": pred,
+                         "miou": scores(confusion_matrix(torch.from_numpy(pred).long(), mask))["miou"]})
     rows.sort(key=lambda row: row["miou"], reverse=True)
     return rows
 

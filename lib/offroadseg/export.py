@@ -81,7 +81,9 @@ import torch
 from torch import nn
 
 from .classes import NUM_CLASSES
+from .ensemble import inference_autocast
 from .metrics import confusion_matrix, scores
+from .modelinfo import inference_info, onnx_info, set_onnx_info
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -103,8 +105,13 @@ def export_onnx(
     input_size: tuple[int, int] = (180, 320),
     opset: int | None = None,
     exporter: str = "torchscript",
+    inference: dict | None = None,
 ) -> Path:
     """Export `model` to ONNX at `path`, atomically; returns the path.
+
+    The file describes itself: `inference` (`modelinfo.inference_info`, e.g. the checkpoint's
+    own record, `modelinfo.read_inference_info(best.pt)`) is stored as JSON in the model's
+    metadata_props, its "spec" set to the model's; None builds one for `input_size` (no TTA).
 
     `input_size` (height, width) is the example the graph is traced with; the
     file accepts any batch size and any height and width. `opset` defaults to
@@ -138,6 +145,11 @@ def export_onnx(
                 _export_torchscript(model, example, tmp, opset)
             else:
                 _export_dynamo(model, example, tmp, opset)
+        info = dict(inference) if inference is not None else inference_info(input_size)
+        info["spec"] = getattr(model, "spec", info.get("spec"))
+        graph = onnx.load(tmp)
+        set_onnx_info(graph, info)
+        onnx.save(graph, tmp)
         onnx.checker.check_model(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
@@ -209,14 +221,57 @@ def _device_of(model: nn.Module) -> torch.device:
 # ----------------------------------------------------------------------------- sessions
 
 
-def onnx_session(onnx_path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU session; `threads` sets the intra-op thread count (None: all cores)."""
+def onnx_providers(device: str = "cpu") -> list[str]:
+    """onnxruntime execution providers for `device`: "cpu"; "cuda" (an error naming what is missing
+    when onnxruntime has no CUDA provider); "auto": CUDA when onnxruntime offers it, else the CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        return ["CPUExecutionProvider"]
+    raise ValueError(f"onnxruntime here offers {available}, no CUDAExecutionProvider: install onnxruntime-gpu "
+                     "for ONNX on the GPU, or use --device cpu")
+
+
+def onnx_session(onnx_path: str | os.PathLike, threads: int | None = None, device: str = "cpu"):
+    """An onnxruntime session (CPU unless `device` is "cuda"/"auto", see `onnx_providers`);
+    `threads` sets the intra-op thread count (None: all cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), options, providers=onnx_providers(device))
+
+
+class OnnxModel:
+    """An ONNX export as a predictor: normalised float batch (N, 3, H, W) -> logits (N, C, H, W), fp32
+    torch tensors on the CPU, so `evaluate.predict_labels` and TTA use it as they use a module.
+
+    `device` is where its inputs are expected (`ensemble.model_device`): the CPU, whichever provider
+    runs the graph (onnxruntime copies to the GPU itself). `info` is the file's inference record
+    (None for an export that predates it); `providers` the session's.
+    """
+
+    returns_probs = False
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+        import onnx
+
+        self.path = Path(path)
+        self.session = onnx_session(self.path, threads, device)
+        self.input_name = self.session.get_inputs()[0].name
+        self.providers = self.session.get_providers()
+        self.info = onnx_info(onnx.load(str(self.path), load_external_data=False), str(self.path))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
 def _session_logits(session) -> Callable[[torch.Tensor], np.ndarray]:
@@ -262,6 +317,19 @@ def onnx_latency(
 
 
 # ----------------------------------------------------------------------------- parity
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """TF32 matmuls and cuDNN convolutions off inside, the previous settings restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _images_and_masks(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -331,7 +399,12 @@ def onnx_parity(
     num_classes: int = NUM_CLASSES,
     threads: int | None = None,
 ) -> dict:
-    """Compare PyTorch (fp32, eval, inference_mode) and onnxruntime (CPU) on the same batches.
+    """Compare PyTorch and onnxruntime (CPU) on the same batches.
+
+    PyTorch runs through the one precision rule, `ensemble.inference_autocast`, asked for the
+    export's precision ("fp32": the ONNX graph is fp32, and bf16 against it would measure bf16),
+    in eval mode under inference_mode, with TF32 matmuls and convolutions off for the call
+    (settings restored after): the report measures the export, not TF32's rounding on a GPU.
 
     `batches`: a DataLoader or any iterable of (images, masks) (or bare image
     batches, which give no mIoU); the first `max_batches` are used. Returns
@@ -345,11 +418,12 @@ def onnx_parity(
     model.eval()
 
     def torch_logits(images: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), inference_autocast(device, "fp32"):
             return model(images.to(device)).float().cpu().numpy()
 
     try:
-        report = _compare(torch_logits, _session_logits(session), batches, max_batches, num_classes)
+        with tf32_off():
+            report = _compare(torch_logits, _session_logits(session), batches, max_batches, num_classes)
     finally:
         model.train(was_training)
     torch_miou, onnx_miou = report.pop("reference_miou"), report.pop("candidate_miou")
@@ -448,6 +522,17 @@ def _preprocess(source: Path, target: Path) -> bool:
         return False
 
 
+def _copy_inference_info(source: Path, target: Path) -> None:
+    """The fp32 export's inference record into the INT8 file (the quantiser keeps no metadata)."""
+    import onnx
+
+    info = onnx_info(onnx.load(str(source), load_external_data=False), str(source))
+    if info is not None:
+        model = onnx.load(str(target))
+        set_onnx_info(model, info)
+        onnx.save(model, str(target))
+
+
 def quantize_int8(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -513,6 +598,7 @@ def quantize_int8(
                 mode = "dynamic"
         if mode == "dynamic":
             _quantize_dynamic(source, quantized, per_channel, op_types)
+        _copy_inference_info(onnx_path, quantized)
         _fsync(quantized)
         os.replace(quantized, out_path)
 

@@ -30,6 +30,13 @@ def colorize(mask: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Image with the coloured mask blended in; ignore pixels show the image alone."""
+    if alpha == 0.5:
+        # The default, in integers: (image + colour) // 2 is exactly what the float blend below truncates
+        # to at alpha 0.5, in a third of its time (it is a large share of writing a prediction's overlay).
+        image = np.asarray(image, dtype=np.uint8)
+        mask = np.asarray(mask, dtype=np.uint8)
+        blended = ((image.astype(np.uint16) + colorize(mask)) >> 1).astype(np.uint8)
+        return np.where((mask != IGNORE_INDEX)[..., None], blended, image)
     image = np.asarray(image, dtype=np.float32)
     colors = colorize(mask).astype(np.float32)
     keep = (np.asarray(mask) != IGNORE_INDEX)[..., None]

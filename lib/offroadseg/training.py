@@ -17,6 +17,7 @@ from .data import SegmentationDataset
 from .decode_cache import cache_folder
 from .engine import TrainConfig, fit
 from .losses import SegmentationLoss
+from .modelinfo import inference_info
 from .models import build_model
 from .profiles import ModelPlan, Profile
 from .scan import usable_pairs
@@ -104,26 +105,27 @@ def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConf
     model = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir(role), loss_fn=segmentation_loss(scan),
                   sample_weights=scan["sample_weights"], progress=progress, data_id=scan.get("fingerprint"),
-                  batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None)
+                  batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None,
+                  # Teachers have no TTA of their own: notebook 04 chooses flips for the ensemble.
+                  inference=inference_info(ctx.profile.image_size, spec=model.spec))
     return history
 
 
-@torch.inference_mode()
-def predict(model, images: torch.Tensor) -> torch.Tensor:
-    """Class indices for a normalised batch, at the input resolution."""
-    model.eval()
-    return model(images).argmax(dim=1)
-
-
 def sample_predictions(model, dataset, count: int = 3):
-    """(image uint8, truth, prediction, caption) rows for a few evenly spaced samples of `dataset`."""
+    """(image uint8, truth, prediction, caption) rows for a few evenly spaced samples of `dataset`.
+
+    The model runs where it is (`evaluate.predict_labels` puts the images on its device) and is
+    left there and in its mode: notebooks call this right after timing the same model.
+    """
+    from .evaluate import predict_labels
+
     indices = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int)
     rows = []
     for index in indices:
         image_t, mask_t = dataset[int(index)]
-        pred = predict(model, image_t[None])[0]
+        pred = predict_labels(model, image_t[None])[0]
         image = (augment.denormalize(image_t).permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-        rows.append((image, mask_t.numpy().astype(np.uint8), pred.numpy().astype(np.uint8), dataset.stem(int(index))))
+        rows.append((image, mask_t.numpy().astype(np.uint8), pred, dataset.stem(int(index))))
     return rows
 
 
@@ -207,12 +209,17 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     """
     torch.manual_seed(config.seed)  # the feature projections (and a student from scratch) start from the global RNG
     model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
+    from .files import read_json
+    from .pipeline import require
+
+    flips = read_json(require(ctx, "ensemble.json"))["tta"]["flips"]  # the flips notebook 04 chose on val
     on_device = augment_on_device()
     train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=cache_folder(ctx.run.dir), on_device=on_device)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
                   sample_weights=scan["sample_weights"], step_loss=distiller.step_loss, progress=progress,
                   data_id=scan.get("fingerprint"),
-                  batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None)
+                  batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None,
+                  inference=inference_info(ctx.profile.image_size, tta_flips=flips, spec=model.student.spec))
     return history
 
 

@@ -35,6 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .classes import CLASS_NAMES
+from .ensemble import on_device
+from .evaluate import predict_labels
 from .files import write_bytes
 
 MEASURES = ("entropy", "margin")
@@ -44,7 +46,10 @@ SHARE_PREFIX = "share:"
 
 
 def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of the softmax over dim 1: (N, C, H, W) -> (N, H, W)."""
+    """Entropy (nats) of the softmax over dim 1: (N, C, H, W) -> (N, H, W).
+
+    Logits or log-probabilities alike (log_softmax of log-probabilities is themselves).
+    """
     log_p = F.log_softmax(logits.float(), dim=1)
     # log_softmax stays finite where softmax underflows to 0, so p * log p is 0 there, never NaN.
     return -(log_p.exp() * log_p).sum(dim=1)
@@ -70,11 +75,6 @@ def measure_range(measure: str, num_classes: int = len(CLASS_NAMES)) -> tuple[fl
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
     return (0.0, math.log(num_classes)) if measure == "entropy" else (0.0, 1.0)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _images_of(batch) -> torch.Tensor:
@@ -125,33 +125,28 @@ def rank_by_uncertainty(
 
     `dataset` yields normalised images (or (image, mask) pairs) as the model
     expects them, e.g. a `SegmentationDataset` with `eval_transform(size)`.
-    `device` defaults to the model's; a different one moves the model there.
+    The model runs through `evaluate.predict_labels` (inference precision rule,
+    eval mode), on `device` (default: the model's own), and is left where and
+    as it was. A predictor returning probabilities (TTA, an ensemble) works too.
     Rows: {"rank" (1 = most uncertain), "index" (in `dataset`), "stem",
     "image" (path, None for datasets without `pairs`), "measure", "score",
     "uncertain_class", "class_share" {class name: predicted pixel share}}.
     Ties keep dataset order.
     """
     pixel_uncertainty(torch.zeros(1, 2, 1, 1), measure)  # reject an unknown measure before any work
-    device = torch.device(device) if device is not None else _device_of(model)
-    model.to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=f"uncertainty ({measure})", leave=False)
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                logits = model(_images_of(batch).to(device))
-                for row in _image_rows(logits, measure, list(class_names)):
-                    index = len(rows)
-                    stem, image = _describe(dataset, index)
-                    rows.append({"index": index, "stem": stem, "image": image, **row})
-    finally:
-        model.train(was_training)
+    with on_device(model, device):
+        for batch in loader:
+            _, log_probs = predict_labels(model, _images_of(batch), return_log_probs=True)
+            for row in _image_rows(log_probs, measure, list(class_names)):
+                index = len(rows)
+                stem, image = _describe(dataset, index)
+                rows.append({"index": index, "stem": stem, "image": image, **row})
     rows.sort(key=lambda row: (-row["score"], row["index"]))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
@@ -206,8 +201,8 @@ def read_ranking_csv(path: str | os.PathLike) -> list[dict]:
 def uncertainty_figure(rows: list[dict], dataset, model: nn.Module, top: int = 4, device=None):
     """The `top` most uncertain images: image, prediction overlay, per-pixel uncertainty map.
 
-    The model is run again on each image (from `dataset` by the row's index), so
-    the maps match the ranking's measure. Returns the Figure; save it with `plots.save`.
+    The model is run again on each image (from `dataset` by the row's index, through
+    `evaluate.predict_labels` as the ranking was), so the maps match the ranking's measure. Returns the Figure; save it with `plots.save`.
     """
     import matplotlib.pyplot as plt
 
@@ -219,17 +214,12 @@ def uncertainty_figure(rows: list[dict], dataset, model: nn.Module, top: int = 4
     shown = rows[:top]
     measure = shown[0]["measure"]
     low, high = measure_range(measure)
-    device = torch.device(device) if device is not None else _device_of(model)
-    was_training = model.training
-    model.eval()
     fig, axes = plt.subplots(len(shown), 3, figsize=(12, 2.4 * len(shown) + 0.7), squeeze=False)
-    try:
+    with on_device(model, device):
         for (image_ax, pred_ax, map_ax), row in zip(axes, shown):
             image = _images_of(dataset[row["index"]])
-            with torch.inference_mode():
-                logits = model(image.unsqueeze(0).to(device))
-            prediction = logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
-            uncertainty = pixel_uncertainty(logits, measure)[0].cpu().numpy()
+            (prediction,), log_probs = predict_labels(model, image.unsqueeze(0), return_log_probs=True)
+            uncertainty = pixel_uncertainty(log_probs, measure)[0].cpu().numpy()
             rgb = (denormalize(image.float()).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
             image_ax.imshow(rgb)
             image_ax.set_title(f"#{row.get('rank', '?')} {row['stem']}", fontsize=8)
@@ -240,8 +230,6 @@ def uncertainty_figure(rows: list[dict], dataset, model: nn.Module, top: int = 4
             fig.colorbar(heat, ax=map_ax, fraction=0.046, pad=0.02)
             for ax in (image_ax, pred_ax, map_ax):
                 ax.axis("off")
-    finally:
-        model.train(was_training)
     fig.legend(handles=legend_handles(), loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(f"Most uncertain images ({measure})")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
