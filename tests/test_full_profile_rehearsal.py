@@ -30,7 +30,8 @@ def test_full_profile_runs_offline_from_a_weights_folder(tmp_path):
     shutil.copytree(ROOT / "notebooks", project / "notebooks")
     data = tmp_path / "falcon-small"
     make_desert(data, counts={"train": 8, "val": 4, "test": 4}, size=(192, 108), seed=3, workers=1, progress=False)
-    weights = write_standin_weights(tmp_path / "weights", FULL)
+    weights = tmp_path / "weights"
+    write_standin_weights(weights, FULL)  # mit-b2/, mit-b1/ (save_pretrained), resnet101-cd907fc2.pth
     env = {k: v for k, v in os.environ.items() if k != "OFFROADSEG_RUN"}
     # Offline as on a Kaggle session without internet: any hub access would fail, not download.
     env.update(OFFROADSEG_ROOT=str(project), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
