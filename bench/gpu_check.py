@@ -14,7 +14,7 @@ How `run` guards the time: this process imports torch, transformers and the libr
 child per stage. The child gets a process group of its own (its DataLoader workers and compile
 workers are in it) and initialises CUDA itself. A child past its budget gets SIGTERM, then
 SIGKILL 10 s later, for its whole group; notebook kernels, which run in sessions of their own,
-are found by their connection files under WORK/runtime and killed too. A stage that would get
+are found by the mark their kernelspec puts in their environment and killed too. A stage that would get
 less than MIN_STAGE_S before the deadline is skipped. The scripts rewrite their JSON after each
 row, so a cut stage keeps what it measured, and the report is rewritten after every stage.
 """
@@ -45,6 +45,7 @@ NOTEBOOKS_MAX_S = 600
 REFERENCE = {"student_ms": 40, "ensemble_ms": 85}
 NOTEBOOK_LINE = re.compile(r"^(\d\d_\w+)\s+([\d.]+) s\s+(ok|FAILED)")
 NOT_MEASURED = "not measured"
+KERNEL_MARK = "GPU_CHECK_KERNEL_OF"
 RESERVE_S = 8  # kept for the final report
 MIN_STAGE_S = 15  # a stage that would get less is skipped
 KILL_AFTER_S = 10  # SIGTERM, then SIGKILL this much later
@@ -97,10 +98,12 @@ def write_env(path: Path) -> dict:
 def write_kernelspec(folder: Path) -> Path:
     """`folder`/kernels/python3/kernel.json: the kernel papermill starts (kernel_name="python3") runs
     this interpreter with this PYTHONPATH, whatever other kernelspecs the machine has. Put `folder`
-    first on JUPYTER_PATH."""
+    first on JUPYTER_PATH. Its environment names the check's WORK folder (`folder`'s parent), by
+    which `reap` finds the kernels a cut stage left behind."""
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": f"Python 3 (gpu_check: {sys.executable})", "language": "python",
-            "env": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}, "metadata": {"debugger": False}}
+            "env": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), KERNEL_MARK: str(folder.resolve().parent)},
+            "metadata": {"debugger": False}}
     path = folder / "kernels" / "python3" / "kernel.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
@@ -129,18 +132,19 @@ def make_desert(root: Path, dry_run: bool) -> dict:
 
 
 def reap(work: Path) -> list[int]:
-    """Kill the kernels started for this check (their connection files live under WORK/runtime), which a
-    notebook run cut by the time guard can leave behind: they run in sessions of their own."""
-    marker = str(work / "runtime").encode()
+    """Kill the kernels started for this check (the kernelspec puts KERNEL_MARK=WORK in their
+    environment), which a notebook run cut by the time guard leaves behind: they run in sessions of
+    their own, outside the stage's process group."""
+    marker = f"{KERNEL_MARK}={Path(work).resolve()}".encode() + b"\0"
     killed = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes() + b"\0"
         except OSError:
             continue
-        if b"ipykernel" in cmdline and marker in cmdline:
+        if marker in environ:
             try:
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))
@@ -163,7 +167,7 @@ class Stage:
     argv: list = field(default_factory=list)
 
 
-DEFAULT_TOTAL_S = {False: 530, True: 160}
+DEFAULT_TOTAL_S = {False: 530, True: 170}
 
 
 def plan(work: Path, dry_run: bool, total_s: int | None = None) -> list[Stage]:
@@ -173,22 +177,24 @@ def plan(work: Path, dry_run: bool, total_s: int | None = None) -> list[Stage]:
     roles = ["--models", "segformer", "deeplab", "student"]
     predictors = ["--models", "student", "ensemble", "ensemble_tta"]
     if dry_run:
+        # The demo student is the DeepLab teacher's architecture: two roles cover both models.
+        roles = ["--models", "segformer", "student"]
         train = ["--profile", "demo", *roles, "--size", "64x96", "--batches", "2", "--precision", "bf16", "--steps", "1",
                  "--warmup", "1"]
         loader = ["--profile", "demo", *roles, "--size", "64x96", "--batches", "2", "--workers", "1", "--steps", "1",
                   "--precision", "bf16", "--augment", "device"]
         infer = ["--profile", "demo", *predictors, "--channels-last", "--size", "64x96", "--native", "90x160", "--runs", "2",
                  "--warmup", "1", "--batches", "1,2"]
-        # Dynamo's capture (backend eager: no code generation) of the TTA-wrapped ensemble, one input
-        # shape: it holds both demo architectures (the demo student is the DeepLab member's).
+        # Dynamo's capture (backend eager: no code generation), one input shape: the DeepLab here,
+        # the SegFormer in train_compiled; the GPU run compiles every predictor and model.
         compiled_infer = ["--compile", "--compile-backend", "eager", "--skip-model-native", "--batches", "1",
-                          "--models", "ensemble_tta"]
-        compiled_train = ["--compile", "--compile-backend", "eager"]
+                          "--models", "student"]
+        compiled_train = ["--compile", "--compile-backend", "eager", "--models", "segformer"]
         onnx = ["--profile", "demo", "--quick"]
         notebooks = ["--profile", "demo", "--set", "epochs=1", "--set", "pretrained=false", "--set", "image_size=[64, 96]",
                      "--set", "latency_input=[72, 128]", "--set", "throughput_batches=[1]", "--set", "speed_runs=1",
                      "--set", "grid_points=2", "--set", 'tta_candidates=[["h"]]', "--set", "batch_size=2",
-                     # the export cell runs in every CPU demo run already; here it would cost 10 s of 160
+                     # the export cell runs in every CPU demo run already; here it would cost 10 s of 170
                      "--set", "export=false"]
         cap = {"train": 30, "loader": 30, "infer": 25, "notebooks": 150, "onnx": 20, "compile": 30}
     else:
@@ -315,7 +321,7 @@ class Running:
     killed_at: float | None = None
 
 
-def start_stage(stage: Stage, work: Path, deadline: float) -> Running | dict:
+def start_stage(stage: Stage, work: Path, deadline: float, nice: int = 0) -> Running | dict:
     """Fork the stage's child, or the record of a stage skipped for want of time."""
     left = int(deadline - time.monotonic() - RESERVE_S)
     if left < MIN_STAGE_S:
@@ -329,6 +335,7 @@ def start_stage(stage: Stage, work: Path, deadline: float) -> Running | dict:
     if pid == 0:
         code = 1
         try:
+            os.nice(nice)
             code = _child(stage, work)
         finally:
             sys.stdout.flush()
@@ -364,14 +371,15 @@ def poll_stage(job: Running, work: Path) -> dict | None:
     return {"stage": job.stage.name, "status": status, "seconds": seconds, "budget_s": job.budget, "note": note}
 
 
-def run_lanes(lanes: list[list[Stage]], work: Path, deadline: float, record) -> None:
-    """Each lane's stages one after another, the lanes side by side; `record(result)` as each ends."""
+def run_lanes(lanes: list[list[Stage]], work: Path, deadline: float, record, nice: tuple = ()) -> None:
+    """Each lane's stages one after another, the lanes side by side; `record(result)` as each ends.
+    `nice[i]`: the niceness of lane i's children (0 if not given)."""
     queues = [list(lane) for lane in lanes]
     active: dict[int, Running] = {}
     while any(queues) or active:
         for index, queue in enumerate(queues):
             while index not in active and queue:
-                started = start_stage(queue.pop(0), work, deadline)
+                started = start_stage(queue.pop(0), work, deadline, nice[index] if index < len(nice) else 0)
                 if isinstance(started, Running):
                     active[index] = started
                 else:
@@ -416,9 +424,9 @@ def run(outdir: Path, work: Path, dry_run: bool, total_s: int) -> int:
         for stage in stages:
             record({"stage": stage.name, "status": "skipped", "seconds": 0, "budget_s": stage.cap_s,
                     "note": "set-up failed"})
-    elif dry_run:
+    elif dry_run:  # the notebook chain first on the CPU: the other lane gets what it leaves
         run_lanes([[s for s in stages if s.kind == "runner"], [s for s in stages if s.kind != "runner"]], work, deadline,
-                  record)
+                  record, nice=(0, 10))
     else:
         run_lanes([stages], work, deadline, record)
     print(f"\n=== gpu_check: {total_s - (deadline - time.monotonic()):.0f} s in all (deadline {total_s} s); "
@@ -612,7 +620,7 @@ def main(argv=None) -> int:
         command.add_argument("work", type=Path)
         command.add_argument("--dry-run", action="store_true")
         if action == "run":
-            command.add_argument("--total-s", type=int, default=None, help="deadline of the whole (default 530, dry 160)")
+            command.add_argument("--total-s", type=int, default=None, help="deadline of the whole (default 530, dry 170)")
     args = parser.parse_args(argv)
     if args.action == "kernelspec":
         write_kernelspec(args.folder)

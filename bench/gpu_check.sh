@@ -11,7 +11,7 @@
 #   bench/gpu_check.sh OUTDIR --dry-run   # every stage at toy sizes on a CPU, under 3 minutes
 #
 # Time guard (bench/gpu_check.py): each stage has a budget and the whole a deadline
-# (GPU_CHECK_TOTAL_S, default 530 s, dry 160 s); a stage over its budget is cut, one that would
+# (GPU_CHECK_TOTAL_S, default 530 s, dry 170 s); a stage over its budget is cut, one that would
 # get under 15 s is skipped, and the table says which. What a cut stage measured is kept.
 # Without papermill/nbclient/ipykernel/nbval importable, they are installed from .whl/ (fill it
 # where PyPI is reachable with bench/fetch_gpu_wheels.sh; a device call names .whl in `carry`)
@@ -68,5 +68,5 @@ if [ -d .whl ]; then "$PYTHON" bench/gpu_wheels.py check --to .whl || echo "warn
 export JUPYTER_PATH="$WORK/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 "$PYTHON" bench/gpu_check.py kernelspec "$WORK/jupyter" || exit 1
 
-TOTAL="${GPU_CHECK_TOTAL_S:-$([ ${#DRY[@]} -gt 0 ] && echo 160 || echo 530)}"
+TOTAL="${GPU_CHECK_TOTAL_S:-$([ ${#DRY[@]} -gt 0 ] && echo 170 || echo 530)}"
 "$PYTHON" bench/gpu_check.py run "$OUTDIR" "$WORK" "${DRY[@]}" --total-s $((TOTAL - (SECONDS - started)))

@@ -86,6 +86,20 @@ def test_guard_runs_lanes_side_by_side(guard):
     assert time.monotonic() - started < 2.9  # one after the other would take 3 s
 
 
+def test_reap_kills_the_marked_kernels_only(tmp_path):
+    """Kernels run in sessions of their own, outside a cut stage's process group: reap finds them by the
+    mark the kernelspec puts in their environment."""
+    marked = subprocess.Popen(["sleep", "60"], env=dict(os.environ, **{gpu_check.KERNEL_MARK: str(tmp_path)}))
+    other = subprocess.Popen(["sleep", "60"], env=dict(os.environ, **{gpu_check.KERNEL_MARK: str(tmp_path / "x")}))
+    try:
+        assert gpu_check.reap(tmp_path) == [marked.pid]
+        assert marked.wait(timeout=5) == -9
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
 # ----------------------------------------------------------------------------- verdicts
 
 
@@ -118,7 +132,7 @@ def test_kernelspec_runs_this_interpreter_with_this_pythonpath(tmp_path, monkeyp
     path = gpu_check.write_kernelspec(tmp_path / "jupyter")
     spec = json.loads(path.read_text())
     assert spec["argv"][:3] == [sys.executable, "-m", "ipykernel_launcher"]
-    assert spec["env"]["PYTHONPATH"] == "/some/where"
+    assert spec["env"] == {"PYTHONPATH": "/some/where", gpu_check.KERNEL_MARK: str(tmp_path.resolve())}
 
 
 # ----------------------------------------------------------------------------- the wheel set
@@ -161,7 +175,7 @@ def test_gpu_check_dry_run(tmp_path):
                             capture_output=True, text=True, timeout=300)
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert seconds < 180  # the guard's deadline (160 s) holds whatever the load
+    assert seconds < 180  # the guard's deadline (170 s) holds whatever the load
     # Three files, none deeper: a device call brings back at most 8, two folders down.
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "table.txt"]
     assert not list(tmp_path.glob("gpu_check.*"))  # the work folder is removed
