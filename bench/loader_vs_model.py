@@ -183,8 +183,10 @@ def main(argv=None) -> None:
     size = (64, 96) if args.quick else (parse_size(args.size) if args.size else tuple(profile.image_size))
     steps, warmup = (1, 1) if args.quick else (args.steps, 2)
     workers_list = args.workers if args.workers is not None else [profile.workers]
-    models = [dict(spec, batch=2 if args.quick else (batch or spec["batch_size"] or 8))
-              for spec in profile_models(profile, args.models) for batch in batches]
+    models = []
+    for spec in profile_models(profile, args.models):
+        for batch in dict.fromkeys(2 if args.quick else (b or spec["batch_size"] or 8) for b in batches):
+            models.append(dict(spec, batch=batch))
 
     with demo_data(args.data, args.quick) as root:
         scan, weights, scan_seconds = scan_and_weights(root, args.limit)

@@ -149,8 +149,7 @@ def main(argv=None) -> None:
 
     rows = []
     for spec in models:
-        for batch_option in batches:
-            batch = 2 if args.quick else (batch_option or spec["batch_size"] or 8)
+        for batch in dict.fromkeys(2 if args.quick else (b or spec["batch_size"] or 8) for b in batches):
             for size in sizes:
                 row = {"role": spec["role"], **measure(spec["name"], spec["options"], size, batch, steps, device,
                                                        precision, channels_last=channels_last, warmup=warmup,

@@ -160,6 +160,50 @@ def test_wheel_set_names_what_is_neither_carried_nor_in_the_image(tmp_path, monk
     assert gpu_wheels.report(tmp_path, image) == 1  # two versions stop `pip install .whl/*.whl`
 
 
+# ----------------------------------------------------------------------------- options the check added
+
+
+@pytest.mark.slow
+def test_train_speed_batches_and_compile(tmp_path, one_thread):
+    out = tmp_path / "train.json"
+    _load("train_speed").main(["--profile", "demo", "--models", "student", "--size", "32x48", "--batches", "2,3",
+                               "--steps", "1", "--warmup", "0", "--compile", "--compile-backend", "eager",
+                               "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["batch"] for r in rows] == [2, 3] and result["compile"] is True
+    assert all(r["compiled"] and r["compile_backend"] == "eager" for r in rows)
+    assert all(r["warmup_steps"] == 1 and r["compile_s"] > 0 for r in rows)  # compiling needs a warm-up step
+
+
+@pytest.mark.slow
+def test_loader_vs_model_batches(tmp_path, one_thread):
+    from offroadseg.synth import make_demo_desert
+
+    make_demo_desert(tmp_path / "desert", counts={"train": 4, "val": 2, "test": 0}, size=(96, 54), workers=1,
+                     progress=False)
+    out = tmp_path / "loader.json"
+    _load("loader_vs_model").main(["--models", "segformer", "--data", str(tmp_path / "desert"), "--size", "32x48",
+                                   "--batches", "2,4,2", "--workers", "0", "--steps", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["role"], r["batch"]) for r in rows] == [("segformer", 2), ("segformer", 4)]  # one row per distinct batch
+    assert all(r["loader_e2_ips"] > 0 and r["model_ips"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_onnx_latency_rows_per_provider(tmp_path, one_thread):
+    import onnxruntime as ort
+
+    out = tmp_path / "onnx.json"
+    _load("onnx_latency").main(["--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {(r["provider"], r["input"]): r for r in result["rows"]}
+    assert rows[("CPUExecutionProvider", "64x96")]["median_ms"] > 0
+    assert rows[("CPUExecutionProvider", "90x160")]["median_ms"] > 0
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "not in this onnxruntime build" in rows[("CUDAExecutionProvider", "-")]["note"]
+
+
 # ----------------------------------------------------------------------------- the dry run
 
 
