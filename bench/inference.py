@@ -254,6 +254,8 @@ def main(argv=None) -> None:
     parser.add_argument("--channels-last", action="store_true", help="models and model inputs in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile each predictor (first calls timed apart)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode: default, reduce-overhead, max-autotune")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default inductor; eager/aot_eager check the capture cheaply on a CPU)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--batches", default=None, help="comma-separated throughput batch sizes")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per latency (default 50 GPU, 10 CPU)")
@@ -328,7 +330,7 @@ def main(argv=None) -> None:
         compile_s = None
         if args.compile:
             started = time.perf_counter()
-            predictor = torch.compile(predictor, mode=args.compile_mode, dynamic=False)
+            predictor = torch.compile(predictor, mode=args.compile_mode, backend=args.compile_backend, dynamic=False)
             compile_s = time.perf_counter() - started  # wrapping only; the compilation happens in the first calls
         ctx = autocast(device, precision)
         kind = "checkpoint" if "random" not in weights else ("random" if "best.pt" not in weights else "mixed")
@@ -370,6 +372,8 @@ def main(argv=None) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         rows.append(row)
         print(table([row], COLUMNS), flush=True)
+        save_results("inference", rows, args.out, partial=True, profile=profile.name, precision=precision,  # a run cut
+                     channels_last=args.channels_last, compile=args.compile, quick=args.quick)  # short keeps its rows
         predictor = None
         if on_gpu:
             torch.cuda.empty_cache()

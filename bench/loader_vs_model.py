@@ -34,6 +34,7 @@ On CUDA the device augmentation and the model share the GPU: the GPU side runs a
     python bench/loader_vs_model.py                       # demo profile, data/demo_desert, this device
     python bench/loader_vs_model.py --profile full --workers 4 8 16 --data /path/to/Falcon
     python bench/loader_vs_model.py --quick               # tiny smoke run (seconds)
+    python bench/loader_vs_model.py --profile full --batches 16,32   # one row per model and batch
 
 --augment device|dataset overrides where the augmentation runs (default: where training runs it);
 --cache-root puts the temporary decode caches under that folder (default: the system temp dir).
@@ -157,6 +158,8 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N train pairs")
     parser.add_argument("--size", default=None, help="HxW model input (default: the profile's image_size)")
     parser.add_argument("--batch", type=int, default=None, help="default: each plan's batch size (8 for a model name)")
+    parser.add_argument("--batches", default=None,
+                        help="several batch sizes, comma-separated: one row per model and batch (overrides --batch)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps of the model (after 2 warm-up)")
     parser.add_argument("--workers", type=int, nargs="*", default=None,
                         help="DataLoader workers, one loader row each (default: the profile's workers)")
@@ -172,7 +175,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="JSON results path (default bench/results/loader_vs_model.json)")
     args = parser.parse_args(argv)
 
-    if args.batch is not None and args.batch < 2:
+    batches = [int(b) for b in args.batches.split(",") if b.strip()] if args.batches else [args.batch]
+    if any(b is not None and b < 2 for b in batches):
         parser.error("--batch must be at least 2: BatchNorm (DeepLab's ASPP pooling branch) cannot train on one image")
     profile = PROFILES[args.profile]
     device = resolve_device(args.device)
@@ -181,9 +185,10 @@ def main(argv=None) -> None:
     size = (64, 96) if args.quick else (parse_size(args.size) if args.size else tuple(profile.image_size))
     steps, warmup = (1, 1) if args.quick else (args.steps, 2)
     workers_list = args.workers if args.workers is not None else [profile.workers]
-    models = profile_models(profile, args.models)
-    for spec in models:
-        spec["batch"] = 2 if args.quick else (args.batch or spec["batch_size"] or 8)
+    models = []
+    for spec in profile_models(profile, args.models):
+        for batch in dict.fromkeys(2 if args.quick else (b or spec["batch_size"] or 8) for b in batches):
+            models.append(dict(spec, batch=batch))
 
     with demo_data(args.data, args.quick) as root:
         scan, weights, scan_seconds = scan_and_weights(root, args.limit)
