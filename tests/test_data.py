@@ -207,3 +207,17 @@ def test_segmentation_dataset_size_mismatch_and_missing_mask(tmp_path):
         SegmentationDataset([(image_path, mask_path)])[0]
     image, mask = SegmentationDataset([(image_path, None)])[0]
     assert (mask == IGNORE_INDEX).all() and mask.shape == image.shape[:2]
+
+
+def test_a_truncated_image_is_closed_when_it_fails_to_decode(tmp_path):
+    import gc
+    import warnings
+
+    image_path, _ = write_pair(tmp_path, "train", "t0", stripes_mask(60, 80))
+    image_path.write_bytes(image_path.read_bytes()[:200])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="truncated"):
+            read_image(image_path)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -266,7 +266,11 @@ def _open_png(path: Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (0 bytes)")
         img = Image.open(path)
-        img.load()  # decode now: a truncated file fails here, not later inside a DataLoader
+        try:
+            img.load()  # decode now: a truncated file fails here, not later inside a DataLoader
+        except BaseException:
+            img.close()  # else the open file lingers until garbage collection (a ResourceWarning)
+            raise
         return img
     except DataError:
         raise
