@@ -81,7 +81,7 @@ import torch
 from torch import nn
 
 from .classes import NUM_CLASSES
-from .ensemble import inference_autocast
+from .ensemble import inference_autocast, model_device
 from .metrics import confusion_matrix, scores
 from .modelinfo import inference_info, onnx_info, set_onnx_info
 
@@ -134,7 +134,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     opset = opset or DEFAULT_OPSET[exporter]
-    example = torch.randn(EXAMPLE_BATCH, 3, *input_size, device=_device_of(model))
+    example = torch.randn(EXAMPLE_BATCH, 3, *input_size, device=model_device(model))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     was_training = model.training
@@ -211,11 +211,6 @@ def _torch_version() -> tuple[int, int]:
 def _fsync(path: str | os.PathLike) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -413,7 +408,7 @@ def onnx_parity(
     "miou_diff" (onnx - torch)}; the mIoUs are against the masks (None without masks).
     """
     session = onnx_session(onnx_path, threads)
-    device = _device_of(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
 

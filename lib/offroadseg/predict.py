@@ -126,8 +126,10 @@ def parse_tta(text: str, recorded) -> tuple[str, ...]:
 def resolve_device(name: str):
     import torch
 
+    from .ensemble import default_device  # the one "GPU when there is one" rule
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         device = torch.device(name)
     except RuntimeError as err:
