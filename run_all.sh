@@ -4,7 +4,7 @@
 #
 #   ./run_all.sh [--data PATH] [--profile demo|full] [--run NAME] [--only 01,02]
 #                [--set NAME=VALUE]... [--weights DIR]
-#   ./run_all.sh --test        set-up, unit tests, then pytest --nbval over the six notebooks
+#   ./run_all.sh --test        set-up, lint, fast unit tests, then the slow ones and pytest --nbval
 #   ./run_all.sh --lab         JupyterLab on working copies of the notebooks (lab/, not notebooks/)
 #
 # --set NAME=VALUE (repeatable) sets a notebook parameter on every selected notebook that has it
@@ -100,8 +100,15 @@ if [ "$TEST" = 1 ]; then
     echo "warning: notebooks/ differs from the committed version (saved from a UI?): nbval compares against" \
          "these edited outputs. 'git diff --stat notebooks/' shows what; 'git checkout notebooks/' restores them." >&2
   fi
-  # nbval options live in pyproject.toml ([tool.pytest.ini_options]).
-  exec python -m pytest --nbval tests notebooks 2> >(quiet_kernels)
+  # Three tiers, quickest first, so a fault shows in seconds rather than after the notebooks:
+  # lint (ruff, configured in pyproject.toml), the fast unit tests, then the slow tests and the
+  # notebooks under nbval (its options live in pyproject.toml, [tool.pytest.ini_options]).
+  echo "test: lint (ruff check .)"
+  ruff check . || die "lint failed: 'ruff check . --fix' repairs the import order and unused imports; fix the rest by hand"
+  echo "test: fast unit tests (pytest -m 'not slow' tests)"
+  python -m pytest -m "not slow" tests
+  echo "test: slow tests and the notebooks (pytest --nbval -m slow tests notebooks)"
+  exec python -m pytest --nbval -m slow tests notebooks 2> >(quiet_kernels)
 fi
 
 args=(--profile "$PROFILE" --cwd "$CALLER_PWD")

@@ -404,6 +404,7 @@ def run(outdir: Path, work: Path, dry_run: bool, total_s: int) -> int:
     (work / "stages.tsv").write_text("", encoding="utf-8")
     # Imported once here, shared by every forked stage (this process never initialises CUDA).
     import torch  # noqa: F401
+
     from offroadseg import augment, engine, ensemble, evaluate, export, models, synth, training  # noqa: F401
 
     for name in ("train_speed", "loader_vs_model", "inference", "onnx_latency"):

@@ -53,14 +53,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (demo_data, model_label, parse_size, profile_models, resolve_device, resolve_precision,  # noqa: E402
-                    save_results, size_str, table)
+from common import (  # noqa: E402
+    demo_data,
+    model_label,
+    parse_size,
+    profile_models,
+    resolve_device,
+    resolve_precision,
+    save_results,
+    size_str,
+    table,
+)
 from train_speed import measure  # noqa: E402
 
 from offroadseg import training  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
 from offroadseg.decode_cache import PARALLEL_MIN_PAIRS  # noqa: E402
-from offroadseg.engine import EpochSampler, _epoch_seed, make_accelerator, resolve_precision as engine_precision, seed_worker  # noqa: E402
+from offroadseg.engine import EpochSampler, _epoch_seed, make_accelerator, seed_worker  # noqa: E402
+from offroadseg.engine import resolve_precision as engine_precision
 from offroadseg.profiles import PROFILES  # noqa: E402
 from offroadseg.scan import scan_dataset, usable_pairs  # noqa: E402
 

@@ -31,7 +31,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import model_label, parse_size, profile_models, resolve_device, resolve_precision, save_results, size_str, table  # noqa: E402
+from common import (  # noqa: E402
+    model_label,
+    parse_size,
+    profile_models,
+    resolve_device,
+    resolve_precision,
+    save_results,
+    size_str,
+    table,
+)
 
 from offroadseg.losses import SegmentationLoss  # noqa: E402
 from offroadseg.models import build_model, count_parameters  # noqa: E402
@@ -90,7 +99,7 @@ def measure(name: str, options: dict, size, batch: int, steps: int, device: torc
            "images_per_s": steps * batch / seconds, "ms_per_step": 1000 * seconds / steps,
            "compiled": compile, "compile_backend": compile_backend if compile else None, "warmup_steps": warmup,
            "compile_s": warmup_s if compile else None}
-    del model, forward, optimizer, x, y
+    model = forward = optimizer = x = y = None  # free the GPU memory now (step() holds them)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -16,10 +16,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from helpers import split_dir, stripes_mask, write_pair
 from PIL import Image
 from torch import nn
 
-from helpers import split_dir, stripes_mask, write_pair
 from offroadseg import scan as scan_module
 from offroadseg.data import DataError, SegmentationDataset, read_image, read_mask
 from offroadseg.engine import TrainConfig, fit

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from helpers import TEST, TRAIN, make_small_dataset, split_dir, stripes_mask, write_pair
 from PIL import Image
 
-from helpers import TEST, TRAIN, make_small_dataset, split_dir, stripes_mask, write_pair
 from offroadseg.classes import IGNORE_INDEX, INDEX_TO_RAW, RAW_IDS
 from offroadseg.data import DataError, find_dataset, read_image, read_mask, read_raw_mask, write_raw_mask
 

@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_small_dataset, stripes_mask, write_pair
+
 from offroadseg import data, decode_cache
 from offroadseg.augment import to_tensors
 from offroadseg.data import DataError, SegmentationDataset, decode_pair, find_dataset

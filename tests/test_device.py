@@ -95,6 +95,7 @@ def test_an_nvidia_smi_without_compute_cap_or_a_broken_driver(machine, tmp_path)
     assert "couldn't communicate with the NVIDIA driver" in problem and "Way out" in problem
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use CUDA (the child is not patched)")
 def test_the_command_run_all_sh_calls_exits_non_zero_with_the_message(tmp_path):
     folder = fake_nvidia_smi(tmp_path / "bin", "Tesla T4, 450.80.02, 7.5")

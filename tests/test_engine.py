@@ -506,6 +506,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT.replace("TESTS_DIR", repr(str(Path(__file__).parent))))
@@ -603,6 +604,7 @@ def test_channels_last_trains_the_same_model(tmp_path):
                            engine.make_accelerator("no"))["miou"] == pytest.approx(nhwc[-1]["val_miou"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_compile_keeps_checkpoints_those_of_the_plain_model(tmp_path):
     # ~15 s of compiling on 2 CPU cores for this tiny net: what makes it off by default.
     train, val = data()

@@ -12,7 +12,6 @@ from torch import nn
 from offroadseg.classes import CLASS_NAMES
 from offroadseg.ensemble import Ensemble, TestTimeAugmentation, choose_weight, evaluate_model, tta_probs
 
-
 # Tiny tensors: one torch thread (the shared fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
 

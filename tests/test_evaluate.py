@@ -3,14 +3,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import write_pair
 
 from offroadseg import evaluate
-from offroadseg.augment import eval_transform
 from offroadseg.classes import CLASS_NAMES, NUM_CLASSES
 from offroadseg.data import read_mask, read_raw_mask
 from offroadseg.metrics import confusion_matrix, scores
-
-from helpers import write_pair
 
 
 def test_most_confused_pairs_share_of_truth():

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import write_standin_weights
+
 from offroadseg.files import read_json
 from offroadseg.profiles import FULL
 from offroadseg.synth import make_desert

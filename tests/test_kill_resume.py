@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from offroadseg.engine import load_checkpoint
 from offroadseg.files import read_json
 
@@ -28,6 +30,7 @@ def run_child(*args) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path):
     data, marker = tmp_path / "desert", tmp_path / "killed"
     killed_run = tmp_path / "killed_run"

@@ -9,9 +9,9 @@ from pathlib import Path
 import accelerate
 import pytest
 import torch
+from helpers import make_small_dataset
 from torch import nn
 
-from helpers import make_small_dataset
 from offroadseg import decode_cache, engine, pipeline, training
 from offroadseg.profiles import DEMO
 from offroadseg.scan import scan_dataset

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import make_small_dataset
+
 from offroadseg import pipeline, training
 from offroadseg.profiles import DEMO, FULL, get_profile
 from offroadseg.scan import scan_dataset

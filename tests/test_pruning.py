@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import TinySegNet, counting_step_loss, data, fast_config, fresh_model
 from torch import nn
 
 from offroadseg.engine import fit, load_checkpoint
 from offroadseg.pruning import folded_state_dict, prunable_layers, prune_decoder, pruned_fraction, remove_pruning
-from test_engine import TinySegNet, counting_step_loss, data, fast_config, fresh_model
 
 AMOUNT = 0.2
 

@@ -3,13 +3,21 @@ import time
 
 import numpy as np
 import pytest
+from helpers import make_small_dataset, split_dir, stripes_mask, write_pair
 from PIL import Image
 
-from helpers import make_small_dataset, split_dir, stripes_mask, write_pair
 from offroadseg.classes import RAW_IDS
 from offroadseg.files import read_json
-from offroadseg.scan import (class_table, class_weights, load_or_scan, problems_table, sample_weights, scan_dataset,
-                             unknown_ids_table, usable_pairs)
+from offroadseg.scan import (
+    class_table,
+    class_weights,
+    load_or_scan,
+    problems_table,
+    sample_weights,
+    scan_dataset,
+    unknown_ids_table,
+    usable_pairs,
+)
 
 
 def _problems(scan):

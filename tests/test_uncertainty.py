@@ -8,10 +8,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from helpers import split_dir, stripes_mask
 from PIL import Image
 from torch import nn
 
-from helpers import split_dir, stripes_mask
 from offroadseg import plots
 from offroadseg.augment import eval_transform
 from offroadseg.classes import CLASS_NAMES

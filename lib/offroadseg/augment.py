@@ -44,9 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import RandomResizedCrop as _CropSampler
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .classes import IGNORE_INDEX

@@ -182,7 +182,7 @@ def find_dataset(root: str | os.PathLike) -> Dataset:
             continue
         if split in dataset.split_dirs:
             # Two copies (e.g. a zip unpacked twice): keep the first, shallowest one.
-            warnings.warn(f"{folder}: second '{split}' split ignored; using {dataset.split_dirs[split]}")
+            warnings.warn(f"{folder}: second '{split}' split ignored; using {dataset.split_dirs[split]}", stacklevel=2)
             continue
         dataset.split_dirs[split] = folder
         pairs, unpaired = _pair_split(folder)

@@ -46,10 +46,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import zipfile
 import random
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence

@@ -23,7 +23,14 @@ from torchvision.transforms.v2 import functional as TF
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
 from .data import DataError, read_image, write_image, write_raw_mask
-from .ensemble import TestTimeAugmentation, default_device, inference_autocast, model_device, on_device, upsampled_argmax
+from .ensemble import (
+    TestTimeAugmentation,
+    default_device,
+    inference_autocast,
+    model_device,
+    on_device,
+    upsampled_argmax,
+)
 from .files import read_json, write_json
 from .metrics import confusion_matrix, per_class, scores
 
@@ -241,7 +248,7 @@ def predict_files(predictor, paths: Sequence, out_dir, input_size, batch_size: i
             except DataError as err:
                 if not skip_unreadable:
                     raise
-                warnings.warn(f"skipped {err}")
+                warnings.warn(f"skipped {err}", stacklevel=2)
                 skipped.append((path, str(err)))
                 bar.update(1)
                 continue

@@ -513,7 +513,7 @@ def _preprocess(source: Path, target: Path) -> bool:
         quant_pre_process(str(source), str(target))
         return True
     except Exception as error:  # the quantiser can still work on the raw export
-        warnings.warn(f"quant_pre_process failed ({type(error).__name__}: {error}); quantising the export as is")
+        warnings.warn(f"quant_pre_process failed ({type(error).__name__}: {error}); quantising the export as is", stacklevel=2)
         return False
 
 
@@ -589,7 +589,7 @@ def quantize_int8(
                     _quantize_static(source, quantized, arrays, input_name, per_channel, op_types)
             except Exception as error:
                 fallback_reason = f"static quantisation failed: {type(error).__name__}: {error}"
-                warnings.warn(fallback_reason + "; falling back to dynamic quantisation")
+                warnings.warn(fallback_reason + "; falling back to dynamic quantisation", stacklevel=2)
                 mode = "dynamic"
         if mode == "dynamic":
             _quantize_dynamic(source, quantized, per_channel, op_types)

@@ -176,7 +176,7 @@ def load_predictor(model_path: Path, device_name: str, input_size=None):
     if input_size is not None:
         if info is not None and tuple(info["input_size"]) != tuple(input_size):
             warnings.warn(f"{model_path} was trained at {info['input_size'][0]}x{info['input_size'][1]}; "
-                          f"--input-size {input_size[0]}x{input_size[1]} overrides it")
+                          f"--input-size {input_size[0]}x{input_size[1]} overrides it", stacklevel=2)
         info = {**(info or modelinfo.inference_info(input_size)), "input_size": list(input_size)}
     elif info is None:
         raise UsageError(f"MODEL {model_path} records no input size (written before models described themselves): "
