@@ -130,7 +130,7 @@ def test_basic_block_resnet_is_dilated_to_stride_16():
 def test_segformer_checkpoint_from_other_transformers_layout_loads():
     # transformers renamed SegFormer's submodules in 5.x; a checkpoint in the other major's layout
     # (older under 5.x, newer under 4.x) is renamed on load.
-    from offroadseg.models import _SEGFORMER_RENAMES, _SEGFORMER_RENAMES_BACK
+    from offroadseg.models.segformer import _SEGFORMER_RENAMES, _SEGFORMER_RENAMES_BACK
 
     source, target = build_model("segformer-b0"), build_model("segformer-b0")
     to_other = _SEGFORMER_RENAMES_BACK if hasattr(source.encoder, "stages") else _SEGFORMER_RENAMES
@@ -269,7 +269,7 @@ def test_upsample_splits_a_batch_whose_output_would_pass_the_kernel_limit(monkey
 
     x = torch.randn(7, 4, 5, 6).contiguous(memory_format=torch.channels_last)
     expected = torch.nn.functional.interpolate(x, size=(10, 12), mode="bilinear", align_corners=False)
-    monkeypatch.setattr(models, "UPSAMPLE_MAX_ELEMENTS", 4 * 10 * 12 * 3 + 1)  # room for 3 samples' outputs
+    monkeypatch.setattr(models.base, "UPSAMPLE_MAX_ELEMENTS", 4 * 10 * 12 * 3 + 1)  # room for 3 samples' outputs
     calls = _record_interpolate(monkeypatch)
     out = models.upsample(x, (10, 12))
     assert [c[1] for c in calls] == [3 * 480, 3 * 480, 480]  # chunks of 3, 3 and 1
@@ -278,7 +278,7 @@ def test_upsample_splits_a_batch_whose_output_would_pass_the_kernel_limit(monkey
     calls.clear()
     assert torch.equal(models.upsample(x[:3], (10, 12)), expected[:3]) and len(calls) == 1  # below: one call
     # A single sample over the limit: one call on a contiguous (NCHW, 64-bit indexed) input.
-    monkeypatch.setattr(models, "UPSAMPLE_MAX_ELEMENTS", 100)
+    monkeypatch.setattr(models.base, "UPSAMPLE_MAX_ELEMENTS", 100)
     calls.clear()
     out = models.upsample(x, (10, 12))
     assert len(calls) == 1 and torch.equal(out, expected)
@@ -295,7 +295,7 @@ def test_forward_never_upsamples_more_than_the_kernel_limit_at_once(monkeypatch,
     with torch.no_grad():
         expected = model(x)
         limit = 10 * 32 * 48 * 2 + 1  # the logits of two images
-        monkeypatch.setattr(models, "UPSAMPLE_MAX_ELEMENTS", limit)
+        monkeypatch.setattr(models.base, "UPSAMPLE_MAX_ELEMENTS", limit)
         calls = _record_interpolate(monkeypatch)
         logits = model(x)
     assert calls and all(i < limit and o < limit for i, o in calls)

@@ -12,8 +12,8 @@ import torch
 import torchvision
 from helpers import write_standin_mit, write_standin_resnet
 
-from offroadseg import models, training, weights
-from offroadseg.models import PretrainedUnavailable, build_model, count_parameters
+from offroadseg import training, weights
+from offroadseg.models import PretrainedUnavailable, build_model, count_parameters, segformer
 from offroadseg.profiles import DEMO, FULL, ModelPlan
 
 
@@ -99,16 +99,16 @@ def test_checkpoint_of_another_size_in_the_folder_is_an_error(tmp_path, no_netwo
 def test_key_names_of_both_transformers_formats():
     # transformers 5 lists mismatched keys as (key, shape, shape), 4.51 as plain strings.
     shapes = (torch.Size([32]), torch.Size([64]))
-    assert models._key_names([("segformer.a", *shapes), "segformer.b"]) == ["segformer.a", "segformer.b"]
+    assert segformer._key_names([("segformer.a", *shapes), "segformer.b"]) == ["segformer.a", "segformer.b"]
 
 
 def test_fp32_keyword_follows_the_transformers_major(monkeypatch):
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "4.51.3")
-    assert models._from_pretrained_dtype() == {"torch_dtype": torch.float32}
+    assert segformer._from_pretrained_dtype() == {"torch_dtype": torch.float32}
     monkeypatch.setattr(transformers, "__version__", "5.0.0")
-    assert models._from_pretrained_dtype() == {"dtype": torch.float32}
+    assert segformer._from_pretrained_dtype() == {"dtype": torch.float32}
 
 
 # --------------------------------------------------------------------------- download, network replaced

@@ -36,7 +36,7 @@ import torch
 import torchvision
 from tqdm.auto import tqdm
 
-from .models import SEGFORMER_SIZES, PretrainedUnavailable, _depth, _looks_like_hub_id, segformer_hub_class
+from .models import SEGFORMER_SIZES, PretrainedUnavailable, looks_like_hub_id, model_depth, segformer_hub_class
 from .profiles import PROFILES, Profile, get_profile
 
 ROLES = ("segformer", "deeplab", "student")
@@ -75,10 +75,10 @@ def entry_for(model: str, pretrained) -> WeightsEntry | None:
         return None
     if model.startswith("segformer-") and model[len("segformer-"):] in SEGFORMER_SIZES:
         source = f"nvidia/mit-{model[len('segformer-'):]}" if pretrained is True else str(pretrained)
-        if not _looks_like_hub_id(source):
+        if not looks_like_hub_id(source):
             return None
         return WeightsEntry(model, source, source.split("/")[-1])
-    depth = _depth(model)
+    depth = model_depth(model)
     if depth is not None:
         source = "DEFAULT" if pretrained is True else str(pretrained)
         enum = torchvision.models.get_model_weights(f"resnet{depth}")
@@ -171,7 +171,7 @@ def _hash_prefix(file_name: str) -> str | None:
 
 def _download_segformer(entry: WeightsEntry, path: Path) -> None:
     # Saved as the hub has it: the MiT checkpoints are image classifiers (encoder + ImageNet head), of
-    # which models._load_segformer takes the encoder and starts the decode head fresh.
+    # which models.segformer._load_segformer takes the encoder and starts the decode head fresh.
     import transformers  # heavy; only this command needs it here
 
     cls = getattr(transformers, segformer_hub_class(entry.source))
