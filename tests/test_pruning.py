@@ -8,9 +8,30 @@ from test_engine import TinySegNet, counting_step_loss, data, fast_config, fresh
 from torch import nn
 
 from offroadseg.engine import fit, load_checkpoint
-from offroadseg.pruning import folded_state_dict, prunable_layers, prune_decoder, pruned_fraction, remove_pruning
+from offroadseg.pruning import folded_state_dict, prunable_layers, prune_decoder, remove_pruning
 
 AMOUNT = 0.2
+
+
+
+def pruned_fraction(module: nn.Module) -> float:
+    """Fraction of exactly-zero weights over the conv/linear layers inside `module`.
+
+    Reads the effective weights (orig * mask for layers pruned with a mask), so it gives the
+    same answer during training and after the pruning was folded.
+    """
+    zeros = total = 0
+    for _, layer in prunable_layers(module):
+        if hasattr(layer, "weight_orig"):
+            weight = layer.weight_orig * layer.weight_mask
+        else:
+            weight = layer.weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    if total == 0:
+        raise ValueError(f"{type(module).__name__} has no conv or linear weights")
+    return zeros / total
+
 
 
 def zero_masks(state: dict, prefix: str = "decoder.") -> dict:

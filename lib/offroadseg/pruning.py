@@ -77,22 +77,3 @@ def folded_state_dict(model: nn.Module) -> dict:
             continue
         folded[key] = value.detach().to("cpu", copy=True)
     return folded
-
-
-def pruned_fraction(module: nn.Module) -> float:
-    """Fraction of exactly-zero weights over the conv/linear layers inside `module`.
-
-    Reads the effective weights (orig * mask for layers pruned with a mask), so it gives the
-    same answer during training and after the pruning was folded.
-    """
-    zeros = total = 0
-    for _, layer in prunable_layers(module):
-        if hasattr(layer, "weight_orig"):
-            weight = layer.weight_orig * layer.weight_mask
-        else:
-            weight = layer.weight
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
-    if total == 0:
-        raise ValueError(f"{type(module).__name__} has no conv or linear weights")
-    return zeros / total
