@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from . import augment, weights
-from .data import SegmentationDataset
-from .decode_cache import cache_folder
+from .dataset import SegmentationDataset, cache_folder
 from .engine import TrainConfig, fit
 from .losses import SegmentationLoss
 from .modelinfo import inference_info
