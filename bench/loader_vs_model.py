@@ -68,7 +68,7 @@ from train_speed import measure  # noqa: E402
 
 from offroadseg import training  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
-from offroadseg.decode_cache import PARALLEL_MIN_PAIRS  # noqa: E402
+from offroadseg.dataset import PARALLEL_MIN_PAIRS  # noqa: E402
 from offroadseg.engine import EpochSampler, _epoch_seed, make_accelerator, seed_worker  # noqa: E402
 from offroadseg.engine import resolve_precision as engine_precision
 from offroadseg.profiles import PROFILES  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from offroadseg import training
-from offroadseg.data import SegmentationDataset
+from offroadseg.dataset import SegmentationDataset
 from offroadseg.profiles import DEMO
 from offroadseg.runs import Run
 from offroadseg.scan import load_or_scan

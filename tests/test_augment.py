@@ -1,4 +1,5 @@
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 from offroadseg.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    AugmentRecipe,
     denormalize,
     eval_transform,
     normalize,
@@ -17,6 +19,8 @@ from offroadseg.augment import (
 from offroadseg.classes import COLORS
 
 PALETTE = torch.tensor(COLORS, dtype=torch.float32)
+# Every step off: a test turns on the one it looks at.
+NOTHING = AugmentRecipe(crop_p=0, rotate_p=0, scale_p=0, flip_p=0, jitter_p=0)
 
 
 def blocks(height=120, width=160):
@@ -39,7 +43,7 @@ def uniform_neighbourhood(mask, radius):
 
 def test_augmentation_keeps_image_and_mask_aligned():
     image, mask = blocks()
-    transform = train_transform((60, 80), crop_p=0.5, rotate_p=0.7, scale_p=0.7, flip_p=0.5, jitter_p=0.0)
+    transform = train_transform((60, 80), AugmentRecipe(jitter_p=0.0))
     checked = 0
     for seed in range(40):
         torch.manual_seed(seed)
@@ -64,13 +68,13 @@ def test_augmentation_keeps_image_and_mask_aligned():
 
 def test_pixels_brought_in_from_outside_are_ignored():
     image, mask = blocks()
-    rotate = train_transform((60, 80), crop_p=0, rotate_p=1.0, degrees=(20, 20), scale_p=0, flip_p=0, jitter_p=0)
+    rotate = train_transform((60, 80), replace(NOTHING, rotate_p=1.0, degrees=(20, 20)))
     x, m = rotate(image, mask)
     for corner in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
         assert m[corner] == 255
         assert x[(slice(None), *corner)].abs().max() < 0.05  # the mean colour normalises to ~0
     assert m[30, 40] != 255
-    shrink = train_transform((60, 80), crop_p=0, rotate_p=0, scale_p=1.0, scale=(0.8, 0.8), flip_p=0, jitter_p=0)
+    shrink = train_transform((60, 80), replace(NOTHING, scale_p=1.0, scale=(0.8, 0.8)))
     _, m = shrink(image, mask)
     assert (m[0] == 255).all() and (m[:, -1] == 255).all() and (m[30, 10:70] != 255).all()
 
@@ -86,7 +90,7 @@ def test_mask_resize_samples_cell_centres():
 
 def test_colour_jitter_changes_the_image_only():
     image, mask = blocks()
-    jitter_only = train_transform((60, 80), crop_p=0, rotate_p=0, scale_p=0, flip_p=0, jitter_p=1.0)
+    jitter_only = train_transform((60, 80), replace(NOTHING, jitter_p=1.0))
     plain_x, plain_m = eval_transform((60, 80))(image, mask)
     torch.manual_seed(0)
     x, m = jitter_only(image, mask)
@@ -127,6 +131,15 @@ def test_normalize_round_trip_and_constants():
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1).expand(3, 4, 4)
     assert torch.allclose(normalize(mean), torch.zeros(3, 4, 4), atol=1e-6)
     assert IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def test_recipe_checks_probabilities_and_holds_tuples():
+    with pytest.raises(ValueError, match="rotate_p=1.5: a probability"):
+        AugmentRecipe(rotate_p=1.5)
+    from_json = AugmentRecipe(crop_scale=[0.6, 1.0], degrees=[-5, 5], scale=[0.9, 1.1], jitter=[0.1, 0.1, 0.1, 0.0])
+    assert from_json == AugmentRecipe(crop_scale=(0.6, 1.0), degrees=(-5, 5), scale=(0.9, 1.1), jitter=(0.1, 0.1, 0.1, 0.0))
+    assert hash(from_json) == hash(replace(from_json))
+    assert AugmentRecipe(degrees=15).degrees == 15  # a bound stays a bound
 
 
 def test_transforms_pickle_for_dataloader_workers():

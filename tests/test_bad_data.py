@@ -21,7 +21,8 @@ from PIL import Image
 from torch import nn
 
 from offroadseg import scan as scan_module
-from offroadseg.data import DataError, SegmentationDataset, read_image, read_mask
+from offroadseg.data import DataError, read_image, read_mask
+from offroadseg.dataset import SegmentationDataset
 from offroadseg.engine import TrainConfig, fit
 from offroadseg.scan import problems_table, scan_dataset, usable_pairs
 from offroadseg.training import datasets

@@ -6,6 +6,7 @@ run with the same fixed parameters.
 """
 
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,17 +16,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from offroadseg.augment import (
-    BRIGHTNESS,
-    CONTRAST,
-    HUE,
-    SATURATION,
-    BatchAugment,
-    denormalize,
-    eval_transform,
-    normalize,
-    to_tensors,
-)
+from offroadseg.augment import AugmentRecipe, denormalize, eval_transform, normalize, to_tensors, train_transform
+from offroadseg.batch_augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchAugment
 from offroadseg.classes import COLORS, IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +27,8 @@ SIZE = (120, 160)  # the model input; inputs are 1.5x, as training.TRAIN_CACHE_S
 INPUT = (180, 240)
 # One grey level in normalised units (the mean of the three channels' std).
 GREY = 1 / (255 * 0.226)
+# Every step off: a test turns on the one it looks at.
+NOTHING = AugmentRecipe(crop_p=0, rotate_p=0, scale_p=0, flip_p=0, jitter_p=0)
 
 
 def blocks(height=INPUT[0], width=INPUT[1]):
@@ -53,7 +47,7 @@ def texture(height=INPUT[0], width=INPUT[1], seed=0):
 
 def fixed(augment, batch=1, box=None, angle=0.0, scale=1.0, flip=False, jitter=None, order=None, shape=INPUT):
     """Parameters with every step off except those given (probabilities of `augment` are ignored)."""
-    params = BatchAugment(augment.size, crop_p=0, rotate_p=0, scale_p=0, flip_p=0, jitter_p=0).sample(batch, *shape)
+    params = BatchAugment(augment.size, NOTHING).sample(batch, *shape)
     if box is not None:
         params.box = torch.tensor([box] * batch, dtype=torch.float32)
     params.angle[:], params.scale[:], params.flip[:] = angle, scale, flip
@@ -110,7 +104,9 @@ CASES = {
     "rotation 17": (None, 17.0, 1.0, False),
     "zoom out 0.8": (None, 0.0, 0.8, False),
     "zoom in 1.15": (None, 0.0, 1.15, False),
+    "rotation 17 + zoom out 0.8": (None, 17.0, 0.8, False),
     "everything": ((30, 40, 132, 176), -12.0, 1.15, True),
+    "everything, zoomed out": ((30, 40, 132, 176), -12.0, 0.85, True),
 }
 # Exact-grid cases: one nearest-neighbour step on both sides, so the masks must agree everywhere.
 SINGLE_STEP = {"resize only", "flip only", "crop box", "crop at 2x"}
@@ -140,6 +136,27 @@ def test_fixed_parameters_match_the_cpu_path(name):
     assert blocks_error < 2 and texture_error < 8, f"{name}: {blocks_error:.2f} / {texture_error:.2f} grey levels"
 
 
+@pytest.mark.parametrize("angle, zoom", [(17.0, 0.8), (-20.0, 0.8), (8.0, 0.9)])
+def test_rotation_with_zoom_out_ignores_the_same_pixels_on_both_paths(angle, zoom):
+    # About a quarter of training samples are rotated and zoomed out. The CPU path rotates (filling the
+    # corners), then zooms out (filling around the rotated frame): the batch path must ignore as much.
+    recipe = replace(NOTHING, rotate_p=1.0, degrees=(angle, angle), scale_p=1.0, scale=(zoom, zoom), flip_p=1.0)
+    image, mask = blocks()
+    ref_x, ref_m = train_transform(SIZE, recipe)(image, mask)
+    x, m = BatchAugment(SIZE, recipe)(*batch_of(image, mask))
+    x, m = x[0], m[0]
+    cpu_ignored = (ref_m == IGNORE_INDEX).float().mean().item()
+    batch_ignored = (m == IGNORE_INDEX).float().mean().item()
+    assert cpu_ignored > 1 - zoom**2 + 0.03  # more than the zoom-out alone: the rotation's corners show too
+    assert batch_ignored == pytest.approx(cpu_ignored, abs=0.01)
+    assert ((m == IGNORE_INDEX) == (ref_m == IGNORE_INDEX)).float().mean() > 0.995
+    # Image and mask aligned: the colour names the mask's class, and off class edges the two paths agree.
+    labelled = m != IGNORE_INDEX
+    assert (decoded_classes(x)[labelled] == m[labelled]).float().mean() > 0.98
+    assert (m == ref_m)[labelled & ~class_edges(ref_m)].all()
+    assert x[:, ~labelled & ~class_edges(m)].abs().max() < 0.05  # ignored pixels hold the mean colour
+
+
 def test_antialiasing_follows_the_cpu_resize():
     # Shrinking 1.5x: the four-tap approximation is much closer to the antialiased resize than one tap.
     image, mask = texture(), blocks()[1]
@@ -153,7 +170,7 @@ def test_antialiasing_follows_the_cpu_resize():
 
 
 def test_probabilities_zero_give_the_eval_transform():
-    augment = BatchAugment(SIZE, crop_p=0, rotate_p=0, scale_p=0, flip_p=0, jitter_p=0)
+    augment = BatchAugment(SIZE, NOTHING)
     for image, mask in (blocks(), (texture(), blocks()[1])):
         x, m = augment(*batch_of(image, mask, 3))
         ref_x, ref_m = eval_transform(SIZE)(image, mask)
@@ -161,7 +178,7 @@ def test_probabilities_zero_give_the_eval_transform():
         assert ((x - ref_x).abs().mean() / GREY) < 1.5
     # Nearest-exact, as the CPU path: a 3x shrink of columns (0, 1, 1) samples the middle column.
     stripes = np.tile(np.array([0, 1, 1], dtype=np.uint8), (6, 8))
-    _, m = BatchAugment((2, 8), crop_p=0, rotate_p=0, scale_p=0, flip_p=0, jitter_p=0)(
+    _, m = BatchAugment((2, 8), NOTHING)(
         *batch_of(np.asarray(COLORS, dtype=np.uint8)[stripes], stripes))
     assert (m == 1).all()
 
@@ -203,7 +220,7 @@ def test_jitter_is_per_sample_and_skips_samples_without_it():
 def test_random_augmentation_keeps_image_and_mask_aligned():
     image, mask = batch_of(*blocks(), 24)
     torch.manual_seed(0)
-    x, m = BatchAugment(SIZE, jitter_p=0)(image, mask)
+    x, m = BatchAugment(SIZE, AugmentRecipe(jitter_p=0))(image, mask)
     for i in range(len(x)):
         labelled = m[i] != IGNORE_INDEX
         assert labelled.sum() > 0.3 * m[i].numel()
@@ -234,7 +251,7 @@ def test_flip_happens_to_about_half_of_a_batch():
     # An asymmetric input, nothing else random: each output is the plain resize or its mirror image.
     image, mask = batch_of(*blocks(), 200)
     torch.manual_seed(0)
-    x, m = BatchAugment(SIZE, crop_p=0, rotate_p=0, scale_p=0, flip_p=0.5, jitter_p=0)(image, mask)
+    x, m = BatchAugment(SIZE, replace(NOTHING, flip_p=0.5))(image, mask)
     plain_x, plain_m = eval_transform(SIZE)(image[0], mask[0])
     flipped = (m == plain_m.flip(-1)).flatten(1).all(1)
     assert (flipped | (m == plain_m).flatten(1).all(1)).all()
@@ -259,7 +276,7 @@ def test_random_parameters_follow_train_transform():
     assert p.brightness.min() >= 0.7 and p.brightness.max() <= 1.3 and p.hue.abs().max() <= 0.05
     assert (p.order.sort(1).values == torch.arange(4)).all()
     # A crop the input's aspect cannot hold falls back to the largest one of the output's aspect.
-    narrow = BatchAugment(SIZE, crop_p=1.0, crop_scale=(1.0, 1.0)).sample(5, 300, 160)
+    narrow = BatchAugment(SIZE, AugmentRecipe(crop_p=1.0, crop_scale=(1.0, 1.0))).sample(5, 300, 160)
     assert (narrow.box[:, 2:] == torch.tensor([120.0, 160.0])).all()
     assert (narrow.box[:, 0] + 120 <= 300).all() and (narrow.box[:, 1] == 0).all()
 
@@ -277,7 +294,7 @@ def test_output_shapes_dtypes_and_determinism():
     assert torch.equal(x, x2) and torch.equal(m, m2)
     x3, _ = augment(image, mask)
     assert not torch.equal(x, x3)
-    same, _ = BatchAugment(None, crop_p=0, rotate_p=0, scale_p=0, flip_p=0, jitter_p=0)(image, mask)
+    same, _ = BatchAugment(None, NOTHING)(image, mask)
     assert same.shape == (4, 3, *INPUT)
 
 

@@ -181,34 +181,6 @@ def test_read_image_rgb_and_roundtrip_mask_writer(tmp_path):
     assert list(RAW_IDS) == INDEX_TO_RAW[:10].tolist()
 
 
-def test_segmentation_dataset_caches_resized_pairs(tmp_path):
-    from offroadseg.data import SegmentationDataset
-
-    make_small_dataset(tmp_path, 2, 0, 0)
-    ds = SegmentationDataset(find_dataset(tmp_path).train, cache_size=(6, 10))
-    image, mask = ds[0]
-    assert image.shape == (6, 10, 3) and image.dtype == np.uint8 and mask.shape == (6, 10)
-    # nearest resize keeps labels exact: the 10 stripes of 2 px become 10 stripes of 1 px
-    assert mask[0].tolist() == list(range(10))
-    # decoded once: deleting the files does not matter for a cached index
-    for path in ds.pairs[0]:
-        path.unlink()
-    assert np.array_equal(ds[0][1], mask)
-    calls = []
-    ds.transform = lambda im, m: calls.append(1) or (im.mean(), m.max())
-    assert ds[0][1] == 9 and calls == [1]
-
-
-def test_segmentation_dataset_size_mismatch_and_missing_mask(tmp_path):
-    from offroadseg.data import SegmentationDataset
-
-    image_path, mask_path = write_pair(tmp_path, "train", "bad", stripes_mask(12, 20), image_size=(30, 12))
-    with pytest.raises(DataError, match="differs from image"):
-        SegmentationDataset([(image_path, mask_path)])[0]
-    image, mask = SegmentationDataset([(image_path, None)])[0]
-    assert (mask == IGNORE_INDEX).all() and mask.shape == image.shape[:2]
-
-
 def test_a_truncated_image_is_closed_when_it_fails_to_decode(tmp_path):
     import gc
     import warnings

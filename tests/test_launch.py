@@ -12,7 +12,7 @@ import torch
 from helpers import make_small_dataset
 from torch import nn
 
-from offroadseg import decode_cache, engine, pipeline, training
+from offroadseg import dataset, engine, pipeline, training
 from offroadseg.profiles import DEMO
 from offroadseg.scan import scan_dataset
 
@@ -59,7 +59,7 @@ def test_train_teacher_returns_plain_data_and_caches_train_and_val_where_told(tm
     # would initialise CUDA there. The decode caches go to $OFFROADSEG_CACHE (local scratch on Kaggle).
     monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
     monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
-    monkeypatch.setenv(decode_cache.CACHE_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setenv(dataset.CACHE_ENV, str(tmp_path / "scratch"))
     make_small_dataset(tmp_path / "data", 4, 2, 0)
     ctx = pipeline.start("02_train_segformer", run="r", profile="demo", data=tmp_path / "data")
     ctx.profile = dataclasses.replace(DEMO, image_size=(8, 16))

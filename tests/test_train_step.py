@@ -17,7 +17,9 @@ from accelerate import Accelerator
 from test_engine import ColourBlocks, TinySegNet, cross_entropy, data, fast_config, fresh_model
 from torch.utils.data import Dataset
 
-from offroadseg import augment, engine
+from offroadseg import engine
+from offroadseg.augment import AugmentRecipe
+from offroadseg.batch_augment import BatchAugment
 from offroadseg.engine import fit, load_checkpoint
 from offroadseg.losses import SegmentationLoss
 
@@ -202,7 +204,7 @@ class WorkerDraws(Dataset):
 def augmentation_draws(tmp_path, monkeypatch, rank: int, name: str):
     """Train one epoch as process `rank` (patched index); return its BatchAugment and loader-worker draws."""
     monkeypatch.setattr(Accelerator, "process_index", property(lambda self: rank))
-    sampler = augment.BatchAugment((16, 16))
+    sampler = BatchAugment((16, 16))
     batch_draws, worker_draws = [], []
 
     def batch_transform(images, masks):
@@ -297,7 +299,7 @@ def test_class_weights_move_to_the_device_once(monkeypatch):
 
 
 def test_augmentation_parameters_go_to_the_gpu_from_pinned_memory(monkeypatch):
-    params = augment.BatchAugment((8, 8)).sample(4, 12, 12)
+    params = BatchAugment((8, 8)).sample(4, 12, 12)
     pinned, copies = [], []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self) or self)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append((a, k)) or self)
@@ -307,7 +309,7 @@ def test_augmentation_parameters_go_to_the_gpu_from_pinned_memory(monkeypatch):
 
 
 def test_batch_augment_makes_no_blocking_copies_after_the_first_batch(monkeypatch):
-    aug = augment.BatchAugment((8, 8), jitter_p=1.0)
+    aug = BatchAugment((8, 8), AugmentRecipe(jitter_p=1.0))
     torch.manual_seed(0)
     images = torch.empty(4, 3, 12, 12, dtype=torch.uint8, device="meta")
     masks = torch.empty(4, 12, 12, dtype=torch.uint8, device="meta")

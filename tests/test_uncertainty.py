@@ -15,7 +15,7 @@ from torch import nn
 from offroadseg import plots
 from offroadseg.augment import eval_transform
 from offroadseg.classes import CLASS_NAMES
-from offroadseg.data import SegmentationDataset
+from offroadseg.dataset import SegmentationDataset
 from offroadseg.uncertainty import (
     pixel_entropy,
     pixel_margin,

@@ -1,4 +1,4 @@
-"""Finding and reading a dataset in Duality's Falcon layout.
+"""Dataset files in Duality's Falcon layout: finding them, reading images and masks, writing them.
 
     <root>/.../Offroad_Segmentation_Training_Dataset/{train,val}/{Color_Images,Segmentation}/<stem>.png
     <root>/.../Offroad_Segmentation_testImages/{Color_Images,Segmentation}/<stem>.png
@@ -10,6 +10,8 @@ folder a user names. `find_dataset` searches breadth first down to SEARCH_DEPTH
 levels and at most SEARCH_FOLDERS folders (so pointing it at a home folder or a disk
 root ends quickly with an error that says the bound instead of walking everything).
 Images and masks pair by file stem.
+
+The torch dataset over these pairs, and its decode cache, are `offroadseg.dataset`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .classes import IGNORE_INDEX, RAW_TO_INDEX
+from .files import atomic_open
 
 IMAGE_DIR = "Color_Images"
 MASK_DIR = "Segmentation"
@@ -342,8 +345,6 @@ def write_raw_mask(path: str | os.PathLike, raw: np.ndarray) -> None:
     compress_level=1: masks are large flat regions, so fast zlib still compresses
     them well, and writing stays cheap.
     """
-    from .files import atomic_open
-
     raw = np.asarray(raw)
     if raw.ndim != 2:
         raise ValueError(f"{path}: a mask must be 2-D, got shape {raw.shape}")
@@ -354,90 +355,5 @@ def write_raw_mask(path: str | os.PathLike, raw: np.ndarray) -> None:
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write an RGB uint8 image as PNG, atomically."""
-    from .files import atomic_open
-
     with atomic_open(path, "wb") as handle:
         Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(handle, format="PNG", compress_level=1)
-
-
-def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None):
-    """Resize to (height, width): area-averaging for the image, nearest for the mask (labels never blend)."""
-    if size is None or image.shape[:2] == tuple(size):
-        return image, mask
-    height, width = size
-    # BOX averages every source pixel when shrinking (no aliasing of fine textures); bilinear when growing.
-    resample = Image.Resampling.BOX if image.shape[0] > height else Image.Resampling.BILINEAR
-    image = np.asarray(Image.fromarray(image).resize((width, height), resample))
-    if mask is not None:
-        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
-    return image, mask
-
-
-def decode_pair(image_path, mask_path, size: tuple[int, int] | None):
-    """One pair decoded and resized to `size` (height, width; None keeps it): (image uint8 HxWx3, mask uint8 HxW).
-
-    A pair without a mask gets an all-ignore mask; a mask whose size differs from
-    its image's is a DataError (resizing one to the other would misplace labels).
-    """
-    image = read_image(image_path)
-    if mask_path is None:
-        mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-    else:
-        mask = read_mask(mask_path)
-        if mask.shape != image.shape[:2]:
-            raise DataError(f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image "
-                            f"{image.shape[1]}x{image.shape[0]} (the scan skips such pairs; rerun notebook 01)")
-    return resize_pair(image, mask, size)
-
-
-class SegmentationDataset:
-    """A torch-style dataset over (image, mask) pairs, decoding each file once.
-
-    Images are decoded and resized to `cache_size` (height, width) on first use and
-    kept in memory as uint8, so later epochs skip PNG decoding; `transform(image,
-    mask)` (augmentation or plain normalisation) runs on every access. Pairs without
-    a mask yield an all-ignore mask.
-
-    With `cache_dir` the pairs are instead decoded up front into a memory-mapped
-    `decode_cache.DecodeCache` in that folder (reused across runs, rebuilt when a
-    file changes): DataLoader workers share it through the OS page cache instead
-    of each filling a private dict. `load` then returns read-only views.
-    """
-
-    def __init__(self, pairs, transform=None, cache_size: tuple[int, int] | None = None, cache: bool = True,
-                 cache_dir: str | os.PathLike | None = None):
-        self.pairs = [(Path(image), None if mask is None else Path(mask)) for image, mask in pairs]
-        self.transform = transform
-        self.cache_size = cache_size
-        self.cache = cache
-        self._cached: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.store = None
-        if cache_dir is not None:
-            if cache_size is None:
-                raise ValueError("cache_dir needs a cache_size: one memory-mapped array holds images of one size")
-            from .decode_cache import DecodeCache
-
-            self.store = DecodeCache.build_or_open(self.pairs, cache_size, cache_dir)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The (image uint8 HxWx3, mask uint8 HxW) pair at `cache_size`, from the cache when present."""
-        if self.store is not None:
-            return self.store.load(index)
-        if index in self._cached:
-            return self._cached[index]
-        pair = decode_pair(*self.pairs[index], self.cache_size)
-        if self.cache:
-            self._cached[index] = pair
-        return pair
-
-    def __getitem__(self, index: int):
-        image, mask = self.load(index)
-        if self.transform is None:
-            return image, mask
-        return self.transform(image, mask)
-
-    def stem(self, index: int) -> str:
-        return self.pairs[index][0].stem

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from . import augment, weights
-from .data import SegmentationDataset
-from .decode_cache import cache_folder
+from .batch_augment import BatchAugment
+from .dataset import SegmentationDataset, cache_folder
 from .engine import TrainConfig, fit
 from .losses import SegmentationLoss
 from .modelinfo import inference_info
@@ -24,6 +24,9 @@ from .scan import usable_pairs
 
 # Train images are cached a bit larger than the model input, so random crops keep detail.
 TRAIN_CACHE_SCALE = 1.5
+# The augmentation teachers and the student train with, whichever path applies it (`datasets` per sample,
+# `batch_augmentation` on the device): one recipe object for both.
+AUGMENTATION = augment.AugmentRecipe()
 
 
 def model_plan(profile: Profile, role: str, weights_dir=None, **overrides) -> ModelPlan:
@@ -47,7 +50,7 @@ def model_plan(profile: Profile, role: str, weights_dir=None, **overrides) -> Mo
 
 
 def augment_on_device() -> bool:
-    """Augment whole batches on the GPU (`augment.BatchAugment`) when there is one: per-sample CPU
+    """Augment whole batches on the GPU (`batch_augment.BatchAugment`) when there is one: per-sample CPU
     augmentation in loader workers is what starves a GPU. On a CPU the per-sample path stays."""
     return torch.cuda.is_available()
 
@@ -66,7 +69,7 @@ def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True,
     if augmentation and on_device:
         train_tf = augment.to_tensors
     else:
-        train_tf = augment.train_transform(size=image_size) if augmentation else augment.eval_transform(image_size)
+        train_tf = augment.train_transform(image_size, AUGMENTATION) if augmentation else augment.eval_transform(image_size)
     train = SegmentationDataset(usable_pairs(scan, "train"), train_tf, cache_size=cache, cache_dir=cache_dir)
     val = val_dataset(scan, image_size, cache_dir=cache_dir)
     if len(train) == 0 or len(val) == 0:
@@ -75,9 +78,9 @@ def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True,
     return train, val
 
 
-def batch_augmentation(image_size: tuple[int, int]) -> augment.BatchAugment:
-    """The device-side counterpart of `datasets(..., on_device=True)`: the same recipe as train_transform."""
-    return augment.BatchAugment(size=image_size)
+def batch_augmentation(image_size: tuple[int, int]) -> BatchAugment:
+    """The device-side counterpart of `datasets(..., on_device=True)`: the same recipe as its train_transform."""
+    return BatchAugment(size=image_size, recipe=AUGMENTATION)
 
 
 def train_config(profile: Profile, plan: ModelPlan, **overrides) -> TrainConfig:

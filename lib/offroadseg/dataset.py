@@ -1,13 +1,22 @@
-"""A decode cache on disk: every (image, mask) pair decoded and resized once, into memory-mapped arrays.
+"""The torch dataset over (image, mask) pairs, and the decode cache on disk that feeds it.
+
+    train = SegmentationDataset(pairs, transform, cache_size=(270, 480), cache_dir=cache_folder(run_dir))
+    image, mask = train[0]          # transform(image uint8 (270, 480, 3), mask uint8 (270, 480))
+
+`SegmentationDataset` decodes each pair once (`decode_pair`: read, check, resize to
+`cache_size`) and runs its transform (augmentation or plain normalisation) on every
+access. Without `cache_dir` the decoded pairs are kept in a dict in memory; with it
+they come from a `DecodeCache`: every pair decoded and resized once, into
+memory-mapped arrays.
 
     cache = DecodeCache.build_or_open(pairs, size=(270, 480), folder=data_root / ".cache")
     image, mask = cache.load(0)   # read-only views: uint8 (270, 480, 3) and (270, 480)
 
-Why: decoding the PNGs (a 960x540 image and its 16-bit mask) is most of the
-cost of loading a sample, and `SegmentationDataset`'s in-memory cache pays it
-again in every DataLoader worker (each fills a private copy) and in every run.
-Memory-mapped arrays are decoded once, shared by all workers through the OS
-page cache, and reused by later notebooks and runs.
+Why the disk cache: decoding the PNGs (a 960x540 image and its 16-bit mask) is most
+of the cost of loading a sample, and the in-memory dict pays it again in every
+DataLoader worker (each fills a private copy) and in every run. Memory-mapped
+arrays are decoded once, shared by all workers through the OS page cache, and
+reused by later notebooks and runs.
 
 Files in `folder`, named by a hash of the size and the pair list, so caches
 of several splits or sizes sit side by side:
@@ -51,8 +60,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-from . import data
+from .classes import IGNORE_INDEX
+from .data import DataError, read_image, read_mask
 from .files import atomic_open, read_json, write_json
 
 FORMAT_VERSION = 1
@@ -60,6 +72,83 @@ FORMAT_VERSION = 1
 CACHE_ENV = "OFFROADSEG_CACHE"
 # Pairs below this count decode in-process: starting worker processes would cost more than it saves.
 PARALLEL_MIN_PAIRS = 32
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None):
+    """Resize to (height, width): area-averaging for the image, nearest for the mask (labels never blend)."""
+    if size is None or image.shape[:2] == tuple(size):
+        return image, mask
+    height, width = size
+    # BOX averages every source pixel when shrinking (no aliasing of fine textures); bilinear when growing.
+    resample = Image.Resampling.BOX if image.shape[0] > height else Image.Resampling.BILINEAR
+    image = np.asarray(Image.fromarray(image).resize((width, height), resample))
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+    return image, mask
+
+
+def decode_pair(image_path, mask_path, size: tuple[int, int] | None):
+    """One pair decoded and resized to `size` (height, width; None keeps it): (image uint8 HxWx3, mask uint8 HxW).
+
+    A pair without a mask gets an all-ignore mask; a mask whose size differs from
+    its image's is a DataError (resizing one to the other would misplace labels).
+    """
+    image = read_image(image_path)
+    if mask_path is None:
+        mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+    else:
+        mask = read_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                            f"{image.shape[1]}x{image.shape[0]} (the scan skips such pairs; rerun notebook 01)")
+    return resize_pair(image, mask, size)
+
+
+class SegmentationDataset:
+    """A torch-style dataset over (image, mask) pairs, decoding each file once.
+
+    Images are decoded and resized to `cache_size` (height, width; None keeps each
+    pair's own size) on first use and kept in memory as uint8, so later epochs skip
+    PNG decoding; `transform(image, mask)` (augmentation or plain normalisation)
+    runs on every access. Pairs without a mask yield an all-ignore mask.
+
+    With `cache_dir` the pairs are instead decoded up front into a memory-mapped
+    `DecodeCache` in that folder (reused across runs, rebuilt when a file
+    changes): DataLoader workers share it through the OS page cache instead of
+    each filling a private dict. `load` then returns read-only views.
+    """
+
+    def __init__(self, pairs, transform=None, cache_size: tuple[int, int] | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        self.pairs = [(Path(image), None if mask is None else Path(mask)) for image, mask in pairs]
+        self.transform = transform
+        self.cache_size = cache_size
+        self._cached: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.store = None
+        if cache_dir is not None:
+            if cache_size is None:
+                raise ValueError("cache_dir needs a cache_size: one memory-mapped array holds images of one size")
+            self.store = DecodeCache.build_or_open(self.pairs, cache_size, cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (image uint8 HxWx3, mask uint8 HxW) pair at `cache_size`, from the cache when present."""
+        if self.store is not None:
+            return self.store.load(index)
+        if index not in self._cached:
+            self._cached[index] = decode_pair(*self.pairs[index], self.cache_size)
+        return self._cached[index]
+
+    def __getitem__(self, index: int):
+        image, mask = self.load(index)
+        if self.transform is None:
+            return image, mask
+        return self.transform(image, mask)
+
+    def stem(self, index: int) -> str:
+        return self.pairs[index][0].stem
 
 
 def cache_folder(run_dir: str | os.PathLike) -> Path:
@@ -161,8 +250,6 @@ class DecodeCache:
         return True
 
     def _build(self, pairs, index: dict, workers: int | None, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         height, width = self.size
         folder = self.stem.parent
         folder.mkdir(parents=True, exist_ok=True)
@@ -234,7 +321,7 @@ def _fingerprint(path: Path) -> list[int]:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise data.DataError(f"{path}: file not found") from None
+        raise DataError(f"{path}: file not found") from None
     return [stat.st_size, stat.st_mtime_ns]
 
 
@@ -248,12 +335,12 @@ def _decode_all(pairs, size: tuple[int, int], workers: int | None):
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(pairs) < PARALLEL_MIN_PAIRS:
         for image, mask in pairs:
-            yield data.decode_pair(image, mask, size)
+            yield decode_pair(image, mask, size)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending = deque()
         for image, mask in pairs:
-            pending.append(pool.submit(data.decode_pair, image, mask, size))
+            pending.append(pool.submit(decode_pair, image, mask, size))
             if len(pending) >= 4 * workers:
                 yield pending.popleft().result()
         while pending:

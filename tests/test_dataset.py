@@ -7,10 +7,11 @@ import pytest
 import torch
 from helpers import make_small_dataset, stripes_mask, write_pair
 
-from offroadseg import data, decode_cache
+from offroadseg import dataset as dataset_module
 from offroadseg.augment import to_tensors
-from offroadseg.data import DataError, SegmentationDataset, decode_pair, find_dataset
-from offroadseg.decode_cache import DecodeCache
+from offroadseg.classes import IGNORE_INDEX
+from offroadseg.data import DataError, find_dataset
+from offroadseg.dataset import DecodeCache, SegmentationDataset, decode_pair
 
 SIZE = (6, 10)
 
@@ -25,8 +26,8 @@ def pairs(tmp_path):
 def decodes(monkeypatch):
     """Counts the pairs decoded (the in-process path: fewer pairs than PARALLEL_MIN_PAIRS)."""
     calls = []
-    real = data.decode_pair
-    monkeypatch.setattr(data, "decode_pair", lambda *args: calls.append(args[0]) or real(*args))
+    real = dataset_module.decode_pair
+    monkeypatch.setattr(dataset_module, "decode_pair", lambda *args: calls.append(args[0]) or real(*args))
     return calls
 
 
@@ -43,6 +44,30 @@ def assert_holds(cache, pairs, size=SIZE):
         assert np.array_equal(image, expected_image) and np.array_equal(mask, expected_mask)
 
 
+def test_segmentation_dataset_caches_resized_pairs(tmp_path):
+    make_small_dataset(tmp_path, 2, 0, 0)
+    ds = SegmentationDataset(find_dataset(tmp_path).train, cache_size=(6, 10))
+    image, mask = ds[0]
+    assert image.shape == (6, 10, 3) and image.dtype == np.uint8 and mask.shape == (6, 10)
+    # nearest resize keeps labels exact: the 10 stripes of 2 px become 10 stripes of 1 px
+    assert mask[0].tolist() == list(range(10))
+    # decoded once: deleting the files does not matter for a cached index
+    for path in ds.pairs[0]:
+        path.unlink()
+    assert np.array_equal(ds[0][1], mask)
+    calls = []
+    ds.transform = lambda im, m: calls.append(1) or (im.mean(), m.max())
+    assert ds[0][1] == 9 and calls == [1]
+
+
+def test_segmentation_dataset_size_mismatch_and_missing_mask(tmp_path):
+    image_path, mask_path = write_pair(tmp_path, "train", "bad", stripes_mask(12, 20), image_size=(30, 12))
+    with pytest.raises(DataError, match="differs from image"):
+        SegmentationDataset([(image_path, mask_path)])[0]
+    image, mask = SegmentationDataset([(image_path, None)])[0]
+    assert (mask == IGNORE_INDEX).all() and mask.shape == image.shape[:2]
+
+
 def test_holds_the_decoded_pairs_as_read_only_views(pairs, tmp_path):
     pairs = pairs + [(pairs[0][0], None)]  # a pair without mask: all ignore
     cache = build(pairs, tmp_path / "cache")
@@ -55,7 +80,7 @@ def test_holds_the_decoded_pairs_as_read_only_views(pairs, tmp_path):
     # No temporary files left; the (empty) lock file of concurrent builds stays.
     assert names == [f"{stem}.images.npy", f"{stem}.json", f"{stem}.lock", f"{stem}.masks.npy"]
     index = json.loads(cache.index_path.read_text())
-    assert index["version"] == decode_cache.FORMAT_VERSION and index["size"] == list(SIZE)
+    assert index["version"] == dataset_module.FORMAT_VERSION and index["size"] == list(SIZE)
     assert index["pairs"][0] == [str(pairs[0][0]), str(pairs[0][1])] and index["pairs"][3][1] is None
     stat = pairs[0][0].stat()
     assert index["files"][0][0] == [stat.st_size, stat.st_mtime_ns]
@@ -67,8 +92,8 @@ def test_second_open_does_not_decode(pairs, tmp_path, monkeypatch):
     def fail(*_):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(data, "read_image", fail)
-    monkeypatch.setattr(data, "read_mask", fail)
+    monkeypatch.setattr(dataset_module, "read_image", fail)
+    monkeypatch.setattr(dataset_module, "read_mask", fail)
     again = build(pairs, tmp_path / "cache")
     image, _ = again.load(2)
     assert image.shape == (*SIZE, 3)
@@ -136,7 +161,7 @@ def test_a_failed_build_leaves_no_valid_looking_cache(pairs, tmp_path):
 
 
 def test_parallel_build_gives_the_same_arrays(pairs, tmp_path, monkeypatch):
-    monkeypatch.setattr(decode_cache, "PARALLEL_MIN_PAIRS", 2)
+    monkeypatch.setattr(dataset_module, "PARALLEL_MIN_PAIRS", 2)
     cache = DecodeCache.build_or_open(pairs, SIZE, tmp_path / "cache", workers=2, progress=False)
     assert_holds(cache, pairs)
     pairs[1][1].write_bytes(b"")
@@ -221,10 +246,10 @@ def test_the_stale_arrays_being_replaced_count_as_room(pairs, tmp_path, decodes,
 
 
 def test_cache_folder_is_the_run_folders_unless_the_environment_names_one(tmp_path, monkeypatch):
-    monkeypatch.delenv(decode_cache.CACHE_ENV, raising=False)
-    assert decode_cache.cache_folder(tmp_path / "run") == tmp_path / "run" / "cache"
-    monkeypatch.setenv(decode_cache.CACHE_ENV, str(tmp_path / "scratch"))
-    assert decode_cache.cache_folder(tmp_path / "run") == tmp_path / "scratch"
+    monkeypatch.delenv(dataset_module.CACHE_ENV, raising=False)
+    assert dataset_module.cache_folder(tmp_path / "run") == tmp_path / "run" / "cache"
+    monkeypatch.setenv(dataset_module.CACHE_ENV, str(tmp_path / "scratch"))
+    assert dataset_module.cache_folder(tmp_path / "run") == tmp_path / "scratch"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(decode_cache.CACHE_ENV, "relative")
-    assert decode_cache.cache_folder("run") == tmp_path / "relative"
+    monkeypatch.setenv(dataset_module.CACHE_ENV, "relative")
+    assert dataset_module.cache_folder("run") == tmp_path / "relative"
