@@ -1,0 +1,106 @@
+"""The library's import graph: no cycles, and every module imports on its own, in any order.
+
+A cycle (a imports b, b imports a, even inside a function) makes the result depend on which
+module is imported first, and hides which concept depends on which. The graph is read from the
+source (module-level and function-level imports alike), so the test is exact and quick; the slow
+test then imports each module first in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "offroadseg"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The offroadseg modules that `name` imports anywhere in its source."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                root = ".".join(base + ([node.module] if node.module else []))
+            else:
+                root = node.module or ""
+            # `from . import x` and `from .models import segformer` name modules too
+            targets = [root] + [f"{root}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(target for target in targets if target in known and target != name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imported_modules(name, path, set(found)) for name, path in found.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as [a, b, ..., a], or None when it is acyclic."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for child in sorted(graph[node]):
+            if state.get(child) == "open":
+                return stack[stack.index(child):] + [child]
+            if child not in state and (cycle := visit(child)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_reader_sees_a_cycle_and_relative_imports(tmp_path):
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    source = tmp_path / "mod.py"
+    source.write_text("from .data import read_mask\nfrom . import files\ndef f():\n    from .models import segformer\n")
+    known = {"offroadseg.data", "offroadseg.files", "offroadseg.models", "offroadseg.models.segformer"}
+    assert imported_modules("offroadseg.mod", source, known) == known
+
+
+def test_the_library_has_no_import_cycle():
+    graph = import_graph()
+    assert "offroadseg.engine" in graph and graph["offroadseg.training"]  # the reader found the modules
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+@pytest.mark.slow
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    names = sorted(modules())
+
+    def first(name: str) -> tuple[str, int, str]:
+        done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=300)
+        return name, done.returncode, done.stderr[-2000:]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failed = [(name, err) for name, code, err in pool.map(first, names) if code != 0]
+    assert not failed, "\n\n".join(f"import {name} failed:\n{err}" for name, err in failed)
