@@ -30,7 +30,7 @@ Throughput: images/s of the predictor alone at the model input size for each bat
 (1,2,4,8,16,32 on a GPU; 1,2,4,8 on a CPU), all reported in the JSON, the best in the
 table; stops at the first batch that runs out of memory.
 
-Weights: --checkpoints RUN loads outputs/RUN/models/<role>/best.pt (engine.load_model)
+Weights: --checkpoints RUN loads outputs/RUN/models/<role>/best.pt (checkpoints.load_model)
 where present, and the ensemble weights and TTA flips/scales from outputs/RUN/ensemble.json;
 otherwise random init from the profile's plans, equal weights, flips ("h",). Each row says
 which ("weights"). Costs do not depend on the weights.
@@ -90,7 +90,7 @@ def load_member(role_or_name: str, profile, run: str | None) -> tuple[torch.nn.M
     if run and role_or_name in ("segformer", "deeplab", "student"):
         path = ROOT / "outputs" / run / "models" / role_or_name / "best.pt"
         if path.is_file():
-            from offroadseg.engine import load_model
+            from offroadseg.checkpoints import load_model
 
             return load_model(path), str(path.relative_to(ROOT))
     spec = profile_models(profile, [role_or_name])[0]

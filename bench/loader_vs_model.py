@@ -69,9 +69,10 @@ from train_speed import measure  # noqa: E402
 from offroadseg import training  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
 from offroadseg.dataset import PARALLEL_MIN_PAIRS  # noqa: E402
-from offroadseg.engine import EpochSampler, _epoch_seed, make_accelerator, seed_worker  # noqa: E402
-from offroadseg.engine import resolve_precision as engine_precision
+from offroadseg.device import resolve_precision as engine_precision  # noqa: E402
+from offroadseg.engine import make_accelerator  # noqa: E402
 from offroadseg.profiles import PROFILES  # noqa: E402
+from offroadseg.sampling import EpochSampler, epoch_seed, seed_worker  # noqa: E402
 from offroadseg.scan import scan_dataset, usable_pairs  # noqa: E402
 
 COLUMNS = ["role", "model", "size", "batch", "workers", "augment", "cache_build_s", "decode_ips", "loader_e1_ips",
@@ -124,7 +125,7 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
                 loader.set_epoch(epoch)
             else:
                 sampler.set_epoch(epoch)
-            worker_seeds.manual_seed(_epoch_seed(seed, epoch, 1))
+            worker_seeds.manual_seed(epoch_seed(seed, epoch, 1))
             images, augment_s, events = 0, 0.0, []
             started = time.perf_counter()
             first_batch_s = None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offroadseg import device, engine
+from offroadseg import device
 
 # The pinned build's kernels (torch 2.14.1+cu130).
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
@@ -111,8 +111,7 @@ def test_the_command_run_all_sh_calls_exits_non_zero_with_the_message(tmp_path):
     assert script.index("python -m offroadseg.device --check || exit 2") < script.index("# --- data:")
 
 
-def test_precision_rule_lives_in_device_and_engine_keeps_the_name(monkeypatch):
-    assert engine.resolve_precision is device.resolve_precision
+def test_precision_rule_lives_in_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
                         and False)

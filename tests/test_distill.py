@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from offroadseg.checkpoints import load_checkpoint, load_model
 from offroadseg.distill import DistillationLoss, DistillationStudent, Distiller, FeatureProjections, cost_split
-from offroadseg.engine import TrainConfig, fit, load_checkpoint, load_model
+from offroadseg.engine import TrainConfig, fit
 from offroadseg.ensemble import Ensemble
 from offroadseg.models import build_model
 

@@ -1,5 +1,7 @@
 """The shared training loop: learning, run folder, resume, DDP, non-finite steps, early stop.
 
+Checkpoint files and resume-file faults: test_checkpoints.py; sample order: test_sampling.py.
+
 Everything runs a tiny conv net on 16x16 synthetic images whose class is a function of
 the colour, so a few CPU epochs are enough to see real learning.
 """
@@ -11,30 +13,22 @@ import math
 import os
 import subprocess
 import sys
-import types
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset
 
-from offroadseg import engine
-from offroadseg.engine import (
-    CheckpointError,
-    EpochSampler,
-    TrainConfig,
-    cross_entropy,
-    fit,
-    launch,
-    load_checkpoint,
-    load_model,
-    resolve_precision,
-    warmup_cosine,
-)
+from offroadseg import checkpoints, engine
+from offroadseg.checkpoints import load_checkpoint
+from offroadseg.device import resolve_precision
+from offroadseg.engine import TrainConfig, fit, launch, warmup_cosine
 from offroadseg.files import read_json
+from offroadseg.losses import cross_entropy
 from offroadseg.metrics import confusion_matrix, scores
+from offroadseg.train_step import TrainingDiverged
 
 # One colour per class, far apart, so a pixel's class is a simple function of its colour.
 PALETTE = torch.tensor(
@@ -178,31 +172,13 @@ def test_finished_run_is_not_trained_again(trained, capsys):
     assert "nothing to train" in capsys.readouterr().out
 
 
-def test_load_model_rebuilds_from_spec(trained, monkeypatch):
-    out = trained[0]
-    built = []
-
-    def build_model(name, num_classes=10, pretrained=None, **options):
-        built.append((name, num_classes, options))
-        return TinySegNet(num_classes=num_classes, **options)
-
-    monkeypatch.setitem(sys.modules, "offroadseg.models", types.SimpleNamespace(build_model=build_model))
-    model = load_model(out / "best.pt")
-    assert built == [("tiny", 10, {"width": 16, "batchnorm": True})]
-    assert not model.training
-    reference = TinySegNet()
-    reference.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    x = data()[1].images[:2]
-    assert torch.equal(model(x), reference.eval()(x))
-
-
 # ------------------------------------------------------------------------------- resume
 
 
 def capture_restore(monkeypatch):
     """Record the checkpoint epoch and the optimizer/scheduler state right after a resume loads them."""
     seen = []
-    original = engine.restore_training_state
+    original = checkpoints.restore_training_state
 
     def spy(checkpoint, optimizer, scheduler, scaler, lr_multiplier):
         original(checkpoint, optimizer, scheduler, scaler, lr_multiplier)
@@ -210,7 +186,7 @@ def capture_restore(monkeypatch):
                      "last_epoch": scheduler.scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
                      "multiplier": lr_multiplier})
 
-    monkeypatch.setattr(engine, "restore_training_state", spy)
+    monkeypatch.setattr(checkpoints, "restore_training_state", spy)
     return seen
 
 
@@ -281,100 +257,6 @@ def test_resume_with_more_epochs_continues_the_optimizer(tmp_path, monkeypatch):
     assert final["scheduler"]["last_epoch"] == 4 * steps_per_epoch
 
 
-def test_resume_with_other_settings_is_a_clear_error(tmp_path):
-    train, val = data()
-    out = tmp_path / "run"
-    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
-    with pytest.raises(ValueError, match=r"batch_size: 8 in the checkpoint, 4 now; lr: 0\.02 in the checkpoint, 0\.01 now.*new run name or delete"):
-        fit(fresh_model(), train, val, fast_config(epochs=2, lr=0.01, batch_size=4), out, progress=False)
-    with pytest.raises(ValueError, match="spec"):
-        fit(fresh_model(width=8), train, val, fast_config(epochs=2), out, progress=False)
-    with pytest.raises(ValueError, match="train_samples"):
-        fit(fresh_model(), data(n_train=24)[0], val, fast_config(epochs=2), out, progress=False)
-
-
-def test_corrupt_last_checkpoint_is_a_clear_error(tmp_path):
-    train, val = data()
-    out = tmp_path / "run"
-    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
-    last = out / "last.pt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    # After one epoch there is no previous.pt to fall back to: an error, not a silent fresh start.
-    with pytest.raises(CheckpointError, match=f"(?s)no intact checkpoint.*{last} is damaged.*truncated or corrupt"):
-        fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False)
-
-
-def flip_byte(path: Path) -> None:
-    """Flip one byte in the middle of the archive's largest tensor: a silent disk or copy fault."""
-    import struct
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        member = max(archive.infolist(), key=lambda info: info.file_size)
-    data = bytearray(path.read_bytes())
-    # Local file header: 30 fixed bytes, then the name and the extra field (lengths at bytes 26-29).
-    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26: member.header_offset + 30])
-    start = member.header_offset + 30 + name_len + extra_len
-    data[start + member.file_size // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def test_flipped_byte_is_detected_not_loaded(tmp_path):
-    # torch.load alone would read this file and hand back silently wrong weights.
-    train, val = data()
-    out = tmp_path / "run"
-    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
-    flip_byte(out / "best.pt")
-    with pytest.raises(CheckpointError, match="best.pt is damaged.*CRC32"):
-        load_checkpoint(out / "best.pt")
-    with pytest.raises(CheckpointError, match="best.pt is damaged"):
-        load_model(out / "best.pt")
-
-
-def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path):
-    train, val = data()
-    config = fast_config(epochs=3)
-    straight = fit(fresh_model(), train, val, config, tmp_path / "straight", step_loss=counting_step_loss(),
-                   progress=False)
-
-    out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):  # stopped in epoch 3, so the files hold epochs 1 and 2
-        fit(fresh_model(), train, val, config, out, step_loss=counting_step_loss(crash_at=2 * len(train) // 8 + 1),
-            progress=False)
-    assert load_checkpoint(out / "previous.pt")["epoch"] == 1
-    flip_byte(out / "last.pt")
-    with pytest.warns(RuntimeWarning, match=r"last.pt is damaged.*\n.*Resuming from .*previous.pt \(epoch 1\)"):
-        resumed = fit(fresh_model(), train, val, config, out, step_loss=counting_step_loss(), progress=False)
-    # Epoch 2 is trained again from epoch 1's state: the run ends as if nothing had happened.
-    assert [row["epoch"] for row in resumed] == [1, 2, 3]
-    assert_same_history(resumed, straight)
-    assert load_checkpoint(out / "last.pt")["epoch"] == 3
-    assert load_checkpoint(out / "previous.pt")["epoch"] == 2
-
-
-def test_crash_while_writing_a_checkpoint_keeps_the_old_one(tmp_path, monkeypatch):
-    train, val = data()
-    out = tmp_path / "run"
-    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
-    before = (out / "last.pt").read_bytes()
-
-    def save_half_then_die(state, handle):
-        handle.write(before[: len(before) // 2])
-        raise OSError("disk full (simulated)")
-
-    monkeypatch.setattr(engine.torch, "save", save_half_then_die)
-    with pytest.raises(OSError, match="disk full"):
-        fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False)
-    monkeypatch.undo()
-    # The rotation moved the intact epoch-1 file to previous.pt; the cut write never became last.pt.
-    intact = [p for p in (out / "last.pt", out / "previous.pt") if p.exists()]
-    assert intact and all(load_checkpoint(p)["epoch"] == 1 for p in intact)
-    assert (out / "best.pt").read_bytes() == before or load_checkpoint(out / "best.pt")["epoch"] == 1
-    assert not list(out.glob(".*.tmp"))
-    history = fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False)
-    assert [row["epoch"] for row in history] == [1, 2]
-
-
 # ---------------------------------------------------------------------------- robustness
 
 
@@ -411,7 +293,7 @@ def test_non_finite_losses_in_a_row_stop_training_with_advice(tmp_path):
     train, val = data()
     step_loss = nan_step_loss(lambda n: n >= 3)
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
-        with pytest.raises(engine.TrainingDiverged,
+        with pytest.raises(TrainingDiverged,
                            match=r"4 steps in a row \(up to epoch 2 step 2\).*lr=0\.02.*'fp32' or 'bf16'.*"
                                  r"last.pt holds the last finished epoch"):
             fit(fresh_model(), train, val, fast_config(epochs=2, max_bad_steps=4), tmp_path / "run",
@@ -455,37 +337,6 @@ def test_early_stopping_on_a_plateau(tmp_path, capsys):
     # Running the notebook again does not train past the stop.
     again = fit(fresh_model(batchnorm=False), train, val, config, tmp_path / "run", progress=False)
     assert again == history
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def test_weighted_epoch_sampler_is_one_draw_sharded_across_processes():
-    from accelerate.data_loader import BatchSamplerShard
-
-    weights = [100.0] + [1.0] * 39
-    sampler = EpochSampler(40, seed=7, weights=weights)
-    sampler.set_epoch(3)
-    draw = list(sampler)
-    assert list(sampler) == draw  # a pure function of (seed, epoch): resumable
-    sampler.set_epoch(4)
-    assert list(sampler) != draw
-    sampler.set_epoch(3)
-    assert draw.count(0) > 10  # the weights are used, with replacement
-    # The same draw WeightedRandomSampler makes with the same generator state.
-    reference = WeightedRandomSampler(weights, 40, replacement=True,
-                                      generator=torch.Generator().manual_seed(engine._epoch_seed(7, 3, 0)))
-    assert list(reference) == draw
-
-    # Two processes: accelerate hands out alternate batches of the one draw, disjoint and complete.
-    batches = list(BatchSampler(sampler, batch_size=4, drop_last=True))
-    shards = [list(BatchSamplerShard(BatchSampler(sampler, 4, drop_last=True), num_processes=2, process_index=rank))
-              for rank in (0, 1)]
-    assert shards[0] != shards[1]
-    assert [batch for pair in zip(*shards) for batch in pair] == batches
-
-    with pytest.raises(ValueError, match="3 values for 40"):
-        EpochSampler(40, weights=[1.0, 2.0, 3.0])
 
 
 DDP_SCRIPT = """
@@ -577,15 +428,6 @@ def test_launch_calls_the_function_in_process_on_one_device():
     assert launch(lambda a, b: a + b, (2, 3), num_processes=1) == 5
     if torch.cuda.device_count() < 2:
         assert launch(lambda: "here") == "here"
-
-
-def test_resume_on_other_data_is_refused(tmp_path):
-    train, val = data()
-    out = tmp_path / "run"
-    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False, data_id="scan-a")
-    with pytest.raises(ValueError, match="data: 'scan-a' in the checkpoint, 'scan-b' now"):
-        fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False, data_id="scan-b")
-    assert len(fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False, data_id="scan-a")) == 2
 
 
 def test_channels_last_trains_the_same_model(tmp_path):

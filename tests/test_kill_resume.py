@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from offroadseg.engine import load_checkpoint
+from offroadseg.checkpoints import load_checkpoint
 from offroadseg.files import read_json
 
 CHILD = Path(__file__).with_name("kill_resume_child.py")

@@ -13,10 +13,11 @@ from torch import nn
 
 from offroadseg import benchmark, evaluate, export, modelinfo, predict, training
 from offroadseg.augment import eval_transform
+from offroadseg.checkpoints import load_model
 from offroadseg.classes import RAW_IDS
 from offroadseg.data import read_mask, read_raw_mask
 from offroadseg.dataset import SegmentationDataset
-from offroadseg.engine import TrainConfig, fit, load_model
+from offroadseg.engine import TrainConfig, fit
 from offroadseg.ensemble import Ensemble, TestTimeAugmentation, on_device
 from offroadseg.models import build_model
 

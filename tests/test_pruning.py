@@ -7,7 +7,8 @@ import torch
 from test_engine import TinySegNet, counting_step_loss, data, fast_config, fresh_model
 from torch import nn
 
-from offroadseg.engine import fit, load_checkpoint
+from offroadseg.checkpoints import load_checkpoint
+from offroadseg.engine import fit
 from offroadseg.pruning import folded_state_dict, prunable_layers, prune_decoder, remove_pruning
 
 AMOUNT = 0.2

@@ -14,14 +14,16 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
-from test_engine import ColourBlocks, TinySegNet, cross_entropy, data, fast_config, fresh_model
+from test_engine import ColourBlocks, TinySegNet, data, fast_config, fresh_model
 from torch.utils.data import Dataset
 
 from offroadseg import engine
 from offroadseg.augment import AugmentRecipe
 from offroadseg.batch_augment import BatchAugment
-from offroadseg.engine import fit, load_checkpoint
-from offroadseg.losses import SegmentationLoss
+from offroadseg.checkpoints import load_checkpoint
+from offroadseg.engine import fit
+from offroadseg.losses import SegmentationLoss, cross_entropy
+from offroadseg.train_step import TrainingDiverged, trial_step
 
 # Everything that hands a tensor's value to Python: on a GPU each waits for the device to finish.
 READ_OUTS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
@@ -158,7 +160,7 @@ def test_fp16_overflows_in_a_row_stop_training_with_advice(tmp_path, monkeypatch
     train, val = data()
     step_loss = overflowing_loss(lambda n: n >= 3)
     with pytest.warns(RuntimeWarning, match="fp16 overflow"):
-        with pytest.raises(engine.TrainingDiverged,
+        with pytest.raises(TrainingDiverged,
                            match=r"4 steps in a row \(up to epoch 2 step 2\).*fp16 overflow.*grad scaler.*"
                                  r"scale is now 4096.*'fp32' or 'bf16' rather than 'fp16'"):
             fit(fresh_model(), train, val, fast_config(epochs=2, max_bad_steps=4), tmp_path / "run",
@@ -228,18 +230,6 @@ def test_each_process_draws_its_own_augmentation(tmp_path, monkeypatch):
     assert not torch.equal(rank0[0], rank1[0])  # BatchAugment's crops, angles, flips, hues
     assert rank0[1] != rank1[1]  # the loader workers' draws
     assert torch.equal(rank0[0], rank0_again[0]) and rank0[1] == rank0_again[1]  # and yet reproducible
-
-
-def test_epoch_seeds_differ_per_process_and_epoch_only():
-    def seeds(rank, epoch):
-        generator = torch.Generator()
-        engine._seed_epoch(0, epoch, rank, generator)
-        return generator.initial_seed(), torch.rand(3).tolist()
-
-    assert seeds(0, 1) == seeds(0, 1)
-    assert seeds(0, 1) != seeds(1, 1)
-    assert seeds(0, 1) != seeds(0, 2)
-    assert seeds(1, 1)[0] != seeds(0, 2)[0]  # no (rank, epoch) collisions as with seed + rank
 
 
 # --------------------------------------------------------------------- issue 13 defect 8
@@ -344,7 +334,7 @@ def test_trial_step_leaves_the_model_as_it_was(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: type("Properties", (), {"total_memory": 16 * 2**30}))
-    info = engine.trial_step(model, images, masks, lambda m, x, y: cross_entropy(m(x), y), measure_memory=True)
+    info = trial_step(model, images, masks, lambda m, x, y: cross_entropy(m(x), y), measure_memory=True)
     assert info == {"parameters": sum(p.numel() for p in model.parameters()),
                     "trainable": sum(p.numel() for p in model.parameters()), "batch": 8, "input": (3, 16, 16),
                     "peak_bytes": 3 * 2**30, "device_bytes": 16 * 2**30}
@@ -352,7 +342,7 @@ def test_trial_step_leaves_the_model_as_it_was(monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
     assert all(p.grad is None for p in model.parameters()) and model.training
     assert torch.equal(torch.get_rng_state(), rng)
-    assert engine.trial_step(model, images, masks, lambda m, x, y: cross_entropy(m(x), y))["peak_bytes"] is None
+    assert trial_step(model, images, masks, lambda m, x, y: cross_entropy(m(x), y))["peak_bytes"] is None
 
 
 def test_fit_says_model_and_batch_size_before_training(tmp_path, capsys):

@@ -12,9 +12,8 @@ with "no kernel image is available". So a machine that has an NVIDIA GPU (`nvidi
 answers) that torch cannot use stops before any work, naming the GPU, its driver and the
 way out. `OFFROADSEG_ALLOW_CPU=1` runs on the CPU anyway.
 
-Precision: `resolve_precision` (also importable as `engine.resolve_precision`) turns a
-TrainConfig.precision into accelerate's mixed_precision value: bf16 where the GPU has it
-natively, fp16 on other GPUs (T4), fp32 on the CPU.
+Precision: `resolve_precision` turns a TrainConfig.precision into accelerate's mixed_precision
+value: bf16 where the GPU has it natively, fp16 on other GPUs (T4), fp32 on the CPU.
 """
 
 from __future__ import annotations

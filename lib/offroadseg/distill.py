@@ -4,7 +4,7 @@
     model = DistillationStudent(build_model("segformer-b0"), teachers)   # student + 1x1 projections
     distiller = Distiller(teachers, DistillationLoss(alpha=0.5, temperature=2.0, beta=0.5))
     engine.fit(model, train_set, val_set, config, out_dir, step_loss=distiller)
-    student = engine.load_model(out_dir / "best.pt")                     # the student alone
+    student = checkpoints.load_model(out_dir / "best.pt")                # the student alone
 
 The loss, per batch:
 
@@ -34,7 +34,7 @@ teachers cost against the student's step, which is what caching could save.
 
 `DistillationStudent` is the module given to `engine.fit`: it holds the student
 and the projections (so the optimizer and DDP see both), validates as the
-student, and its `spec` carries `prefix="student."`, so `engine.load_model` of
+student, and its `spec` carries `prefix="student."`, so `checkpoints.load_model` of
 its checkpoint rebuilds the student alone.
 """
 
@@ -156,7 +156,7 @@ class DistillationStudent(nn.Module):
 
     `.decoder` is the student's decoder (decoder pruning prunes the student),
     and `.spec` is the student's spec plus `"prefix": "student."`:
-    `engine.load_model` of a checkpoint of this module rebuilds the student
+    `checkpoints.load_model` of a checkpoint of this module rebuilds the student
     alone from the keys under that prefix (the projections are dropped).
 
     `teachers` (an Ensemble or a list of models) is read for its members'

@@ -58,10 +58,10 @@ def inference_autocast(device, precision: str = "auto") -> contextlib.AbstractCo
     """THE precision rule of inference (predictions, uncertainty, evaluation, timing, ONNX parity).
 
     "auto": bf16 on GPUs with native bf16, fp16 on older GPUs, none (fp32) on CPU: the same rule
-    as training (`engine.resolve_precision("auto")`), so a model is evaluated in the precision it
+    as training (`device.resolve_precision("auto")`), so a model is evaluated in the precision it
     was trained in. "fp32", "bf16", "fp16" force one (bf16 on a CPU is autocast's CPU path).
     """
-    from .engine import resolve_precision
+    from .device import resolve_precision
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -207,7 +207,7 @@ class Ensemble(nn.Module):
     def from_checkpoints(cls, paths: Iterable, weights: Sequence[float] | None = None,
                          map_location="cpu") -> "Ensemble":
         """An ensemble of the models saved by `engine.fit` (best.pt files)."""
-        from .engine import load_model
+        from .checkpoints import load_model
 
         return cls([load_model(path, map_location) for path in paths], weights)
 

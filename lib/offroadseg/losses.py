@@ -82,6 +82,16 @@ def _check_shapes(logits, target):
         raise ValueError(f"logits (N, C, H, W) and target (N, H, W) must agree; got {tuple(logits.shape)} and {tuple(target.shape)}")
 
 
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Plain pixel-wise cross-entropy in float32, ignore pixels skipped: `engine.fit`'s default `loss_fn`.
+
+    F.cross_entropy's own mean, not `CrossEntropyLoss()`: its sum runs in another order (last-bit
+    differences), and a batch of only ignore pixels gives NaN here, which the training step skips
+    and `engine.evaluate` leaves out of the val loss, where CrossEntropyLoss gives 0.
+    """
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+
+
 class CrossEntropyLoss(nn.Module):
     """Cross-entropy with class weights, ignore index and optional per-pixel weights.
 

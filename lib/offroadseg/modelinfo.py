@@ -93,7 +93,7 @@ def read_inference_info(source) -> dict | None:
             import onnx
 
             return onnx_info(onnx.load(str(path), load_external_data=False), str(path))
-        from .engine import load_checkpoint  # engine imports torch/accelerate: only when a checkpoint is read
+        from .checkpoints import load_checkpoint  # imports torch and the models: only when a checkpoint is read
 
         info = load_checkpoint(path).get(CHECKPOINT_KEY)
         return None if info is None else validate(dict(info), str(path))

@@ -159,7 +159,7 @@ def load_predictor(model_path: Path, device_name: str, input_size=None):
             raise UsageError(f"MODEL {model_path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
         info, kind = predictor.info, f"ONNX ({', '.join(predictor.providers)})"
     elif zipfile.is_zipfile(model_path):
-        from .engine import CheckpointError, load_checkpoint, load_model
+        from .checkpoints import CheckpointError, load_checkpoint, load_model
 
         device = resolve_device(device_name)
         try:

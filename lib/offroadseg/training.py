@@ -158,7 +158,7 @@ def val_dataset(scan: dict, image_size: tuple[int, int], native_masks: bool = Fa
 
 def load_teachers(ctx) -> dict:
     """Both teachers' best checkpoints, in eval mode; a clear error naming the notebook to run when missing."""
-    from .engine import load_model
+    from .checkpoints import load_model
     from .pipeline import require
 
     return {role: load_model(require(ctx, f"models/{role}/best.pt")) for role in ("segformer", "deeplab")}
@@ -169,7 +169,7 @@ def initial_student(ctx, plan: ModelPlan):
     required), else `plan`'s model from its pretrained weights or from scratch."""
     if plan.init_from is None:
         return build_model(plan.name, pretrained=plan.pretrained, **plan.options)
-    from .engine import load_model
+    from .checkpoints import load_model
     from .pipeline import require
 
     teacher = load_model(require(ctx, f"models/{plan.init_from}/best.pt"))
@@ -207,7 +207,7 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
                   temperature: float = 2.0, beta: float = 0.5, progress: bool = True):
     """Distil the ensemble into the student of `plan` on the shared engine (see `distillation_setup`).
 
-    Checkpoints go to models/student/ and reload as the plain student (`engine.load_model`).
+    Checkpoints go to models/student/ and reload as the plain student (`checkpoints.load_model`).
     Returns the history, not the model (see `train_teacher`).
     """
     torch.manual_seed(config.seed)  # the feature projections (and a student from scratch) start from the global RNG
