@@ -15,8 +15,9 @@ from offroadseg import benchmark, evaluate, export, modelinfo, predict, training
 from offroadseg.augment import eval_transform
 from offroadseg.classes import RAW_IDS
 from offroadseg.data import SegmentationDataset, read_mask, read_raw_mask
+from offroadseg.device import on_device
 from offroadseg.engine import TrainConfig, fit, load_model
-from offroadseg.ensemble import Ensemble, TestTimeAugmentation, on_device
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation
 from offroadseg.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

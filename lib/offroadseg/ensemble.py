@@ -15,17 +15,12 @@ Conventions:
 - Averages are taken over probabilities (softmax outputs), never over logits:
   members trained with different losses have logits of different scales, and
   the reference report averaged softmax outputs.
-- Inference runs under `torch.inference_mode()` with bf16 autocast on GPUs that
-  support it natively (fp16 on older ones) and fp32 on CPU (`inference_autocast`).
-  Probabilities are computed in fp32 from the (possibly half-precision) logits.
-- `device=None` means the GPU when there is one, else the CPU; a predictor
-  that is an `nn.Module` runs there in eval mode for the call (`on_device`) and
-  is put back where and as it was afterwards: helpers never move a caller's model.
+- Devices and precision follow the one rule of `offroadseg.device` (`default_device`,
+  `on_device`, `inference_autocast`); probabilities are computed in fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -35,103 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classes import NUM_CLASSES
+from .device import default_device, inference_autocast, on_device
 from .metrics import confusion_matrix, per_class, scores
 
 # Test-time flips by name: the tensor dimensions each one reverses in an (N, C, H, W) batch.
 FLIPS = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
-
-
-# ------------------------------------------------------------------ device and precision
-
-
-def default_device(device=None) -> torch.device:
-    """`device` as a torch.device; None means the GPU when there is one, else the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def inference_autocast(device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """THE precision rule of inference (predictions, uncertainty, evaluation, timing, ONNX parity).
-
-    "auto": bf16 on GPUs with native bf16, fp16 on older GPUs, none (fp32) on CPU: the same rule
-    as training (`engine.resolve_precision("auto")`), so a model is evaluated in the precision it
-    was trained in. "fp32", "bf16", "fp16" force one (bf16 on a CPU is autocast's CPU path).
-    """
-    from .engine import resolve_precision
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    device = torch.device(device)
-    if precision == "auto":
-        precision = resolve_precision("auto") if device.type == "cuda" else "no"
-    if precision in ("no", "fp32"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def precision_name(device, precision: str = "auto") -> str:
-    """"bf16", "fp16" or "fp32": what `inference_autocast(device, precision)` computes in."""
-    context = inference_autocast(device, precision)
-    if isinstance(context, torch.autocast):
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[context.fast_dtype]
-    return "fp32"
-
-
-def model_device(predictor) -> torch.device:
-    """Where `predictor` computes: its first parameter's (or buffer's) device for a module; a
-    callable's `device` attribute (an ONNX session wrapper: the CPU); else the CPU."""
-    if isinstance(predictor, nn.Module):
-        for tensor in (*predictor.parameters(), *predictor.buffers()):
-            return tensor.device
-    return torch.device(getattr(predictor, "device", "cpu"))
-
-
-@contextlib.contextmanager
-def on_device(predictor, device=None):
-    """`predictor` on `device` (None: its own device) in eval mode for the block, then put back
-    exactly as it was: same parameter and buffer tensors (so the same device) and train/eval modes.
-
-    Helpers that are given a device use this instead of moving the caller's model: the caller's
-    next call (say a CPU batch into a model a timing helper moved to CUDA) never finds it moved
-    behind its back. The original tensors are kept while the block runs, so moving back costs
-    nothing. Callables that are not modules are used as they are.
-    """
-    if not isinstance(predictor, nn.Module):
-        yield predictor
-        return
-    device = model_device(predictor) if device is None else torch.device(device)
-    modes = [(module, module.training) for module in predictor.modules()]
-    params, buffers = [], []
-    for module in predictor.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                grad = param.grad
-                params.append((module, name, param, param.data, grad, None if grad is None else grad.data))
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                buffers.append((module, name, buffer))
-    moved = model_device(predictor) != device
-    if moved:
-        predictor.to(device)
-    predictor.eval()
-    try:
-        yield predictor
-    finally:
-        if moved:
-            for module, name, param, data, grad, grad_data in params:
-                module._parameters[name] = param
-                param.data = data
-                if grad is not None:
-                    grad.data = grad_data
-                    param.grad = grad
-            for module, name, buffer in buffers:
-                module._buffers[name] = buffer
-        for module, mode in modes:
-            module.training = mode
 
 
 def probabilities(predictor: Callable, x: torch.Tensor, size=None) -> torch.Tensor:

@@ -23,14 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
 from .data import DataError, read_image, write_image, write_raw_mask
-from .ensemble import (
-    TestTimeAugmentation,
-    default_device,
-    inference_autocast,
-    model_device,
-    on_device,
-    upsampled_argmax,
-)
+from .device import default_device, inference_autocast, model_device, on_device, synchronize
+from .ensemble import TestTimeAugmentation, upsampled_argmax
 from .files import read_json, write_json
 from .metrics import confusion_matrix, per_class, scores
 
@@ -86,11 +80,6 @@ def frames_to_batch(frames: Sequence, input_size, device, mean=IMAGENET_MEAN, st
     return out
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Clock:
     """Adds the seconds of each stage to `timings` (when given); synchronises a GPU so work is counted
     where it runs, not where it was queued."""
@@ -102,7 +91,7 @@ class _Clock:
     def lap(self, stage: str) -> None:
         if self.timings is None:
             return
-        _synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now
@@ -121,9 +110,9 @@ def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequen
     the model's output is upsampled bilinearly before the argmax (`ensemble.upsampled_argmax`),
     labels are never resized.
 
-    Rules every caller gets: inputs go to the predictor's device (`ensemble.model_device`), the
-    predictor runs in eval mode and is left where and as it was (`ensemble.on_device`), under
-    `ensemble.inference_autocast(device, precision)`. `flips`/`scales` wrap it in test-time
+    Rules every caller gets: inputs go to the predictor's device (`device.model_device`), the
+    predictor runs in eval mode and is left where and as it was (`device.on_device`), under
+    `device.inference_autocast(device, precision)`. `flips`/`scales` wrap it in test-time
     augmentation. Logits or probabilities (`returns_probs`) both work: the argmax needs no softmax.
 
     `return_log_probs=True` returns (labels, log_probs): fp32 log-probabilities (N, C, h, w) at

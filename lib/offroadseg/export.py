@@ -81,7 +81,7 @@ import torch
 from torch import nn
 
 from .classes import NUM_CLASSES
-from .ensemble import inference_autocast, model_device
+from .device import inference_autocast, model_device
 from .metrics import confusion_matrix, scores
 from .modelinfo import inference_info, onnx_info, set_onnx_info
 
@@ -247,7 +247,7 @@ class OnnxModel:
     """An ONNX export as a predictor: normalised float batch (N, 3, H, W) -> logits (N, C, H, W), fp32
     torch tensors on the CPU, so `evaluate.predict_labels` and TTA use it as they use a module.
 
-    `device` is where its inputs are expected (`ensemble.model_device`): the CPU, whichever provider
+    `device` is where its inputs are expected (`device.model_device`): the CPU, whichever provider
     runs the graph (onnxruntime copies to the GPU itself). `info` is the file's inference record
     (None for an export that predates it); `providers` the session's.
     """
@@ -396,7 +396,7 @@ def onnx_parity(
 ) -> dict:
     """Compare PyTorch and onnxruntime (CPU) on the same batches.
 
-    PyTorch runs through the one precision rule, `ensemble.inference_autocast`, asked for the
+    PyTorch runs through the one precision rule, `device.inference_autocast`, asked for the
     export's precision ("fp32": the ONNX graph is fp32, and bf16 against it would measure bf16),
     in eval mode under inference_mode, with TF32 matmuls and convolutions off for the call
     (settings restored after): the report measures the export, not TF32's rounding on a GPU.

@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .classes import CLASS_NAMES
-from .ensemble import on_device
+from .device import on_device
 from .evaluate import predict_labels
 from .files import write_bytes
 
