@@ -1,10 +1,13 @@
-"""Ensembles, test-time augmentation and evaluation of anything that segments.
+"""Ensembles and test-time augmentation of anything that segments.
 
     ensemble = Ensemble([segformer, deeplab], weights=[0.6, 0.4])
     probs = ensemble(x)                                   # (N, 10, H, W) probabilities, not logits
     w, table = choose_weight(segformer, deeplab, val_loader)   # one pass over the loader
     tta = TestTimeAugmentation(ensemble, flips=("h", "v"))    # one batched pass per scale
-    result = evaluate_model(tta, val_loader)              # {"miou", "pixel_acc", "iou", ...}
+
+Scoring any of these over a loader is `evaluate.evaluate_model`, and choosing the TTA flip set
+by that score is `evaluate.choose_tta`: evaluate builds on this module (its prediction path
+wraps predictors in `TestTimeAugmentation`), so this one never imports evaluate.
 
 Conventions:
 - Models (`offroadseg.models`) return logits. An `Ensemble` and a
@@ -31,7 +34,7 @@ from torch import nn
 
 from .classes import NUM_CLASSES
 from .device import default_device, inference_autocast, on_device
-from .metrics import confusion_matrix, per_class, scores
+from .metrics import confusion_matrix, scores
 
 # Test-time flips by name: the tensor dimensions each one reverses in an (N, C, H, W) batch.
 FLIPS = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
@@ -202,36 +205,7 @@ class TestTimeAugmentation(nn.Module):
         return tta_probs(self.model, x, self.flips, self.scales)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.inference_mode()
-def evaluate_model(predictor: Callable, loader: Iterable, device=None, num_classes: int = NUM_CLASSES) -> dict:
-    """Scores of `predictor` (a model, an Ensemble, a TTA wrapper, any callable) over `loader`.
-
-    `loader` yields (images, masks) batches (masks int64 with 255 = ignore).
-    The prediction is the argmax of the predictor's output (logits or
-    probabilities), resized bilinearly to the mask's size when it differs, and
-    one confusion matrix is accumulated on the device. Returns `metrics.scores`
-    (miou, pixel_acc, iou, ...) plus per_class_iou {class name: IoU},
-    confusion_matrix (nested lists) and images (count).
-    """
-    device = default_device(device)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    images_seen = 0
-    with on_device(predictor, device):
-        for images, masks in loader:
-            images, masks = images.to(device), masks.to(device)
-            with inference_autocast(device):
-                out = predictor(images)
-            cm += confusion_matrix(upsampled_argmax(out, masks.shape[-2:]), masks, num_classes=num_classes)
-            images_seen += len(images)
-    result = scores(cm)
-    if num_classes == NUM_CLASSES:
-        result["per_class_iou"] = per_class(result["iou"])
-    result["confusion_matrix"] = cm.cpu().tolist()
-    result["images"] = images_seen
-    return result
+# ------------------------------------------------------------------ choosing the blend
 
 
 @torch.inference_mode()
@@ -246,7 +220,10 @@ def choose_weight(
     """The weight w of member a (1 - w for b) that maximises val mIoU of w p_a + (1 - w) p_b.
 
     ONE pass over `loader`: each batch runs both members once, and one confusion
-    matrix per grid weight is updated from the blended probabilities. Returns
+    matrix per grid weight is updated from the blended probabilities. So it keeps its own
+    accumulation (`metrics.confusion_matrix`, `metrics.scores`) rather than calling the scorer,
+    `evaluate.evaluate_model`, once per weight, which would run both members len(grid) times;
+    the members run under the same rules (`device.on_device`, `inference_autocast`). Returns
     `(best_w, table)`, `table` holding {"weight", "miou", "pixel_acc"} per grid
     weight in grid order. Among equally good weights the one closest to 0.5
     wins: with no evidence either way, an even blend is the safer bet.
@@ -275,19 +252,3 @@ def choose_weight(
         return (miou, -abs(row["weight"] - 0.5))
 
     return max(table, key=rank)["weight"], table
-
-
-def choose_tta(predictor: Callable, loader: Iterable, candidates=(("h",), ("h", "v")), device=None) -> tuple[tuple, list[dict]]:
-    """The TTA flip set that scores best on `loader`, and every candidate's scores.
-
-    Chosen on validation data like the member weight: a vertical flip puts the sky
-    at the bottom, which models trained with horizontal flips only may never have
-    seen, so whether it helps is measured rather than assumed. "none" (no TTA) is
-    always scored as the baseline; ties go to the cheaper set.
-    """
-    table = [{"flips": [], "miou": evaluate_model(predictor, loader, device)["miou"]}]
-    for flips in candidates:
-        tta = TestTimeAugmentation(predictor, flips=tuple(flips))
-        table.append({"flips": list(flips), "miou": evaluate_model(tta, loader, device)["miou"]})
-    best = max(table[1:], key=lambda row: (row["miou"], -len(row["flips"])))
-    return tuple(best["flips"]), table
