@@ -176,25 +176,6 @@ def write_ranking_csv(rows: list[dict], path: str | os.PathLike) -> None:
     write_bytes(path, text.getvalue().encode("utf-8"))
 
 
-def read_ranking_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows as `rank_by_uncertainty` returns them, from a file `write_ranking_csv` wrote."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        records = list(csv.DictReader(handle))
-    return [
-        {
-            "rank": int(record["rank"]),
-            "index": int(record["index"]),
-            "stem": record["stem"],
-            "image": record["image"] or None,
-            "measure": record["measure"],
-            "score": float(record["score"]),
-            "uncertain_class": record["uncertain_class"],
-            "class_share": {k[len(SHARE_PREFIX):]: float(v) for k, v in record.items() if k.startswith(SHARE_PREFIX)},
-        }
-        for record in records
-    ]
-
-
 # ----------------------------------------------------------------------------- figure
 
 
