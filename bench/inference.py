@@ -196,8 +196,9 @@ def measure_predict(student, size, native, count: int, batch_size: int, device, 
     import tempfile
 
     from offroadseg.data import write_image
-    from offroadseg.export import OnnxModel, export_onnx, quantize_int8
+    from offroadseg.export import OnnxModel, export_onnx
     from offroadseg.modelinfo import inference_info
+    from offroadseg.quantize import quantize_int8
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:

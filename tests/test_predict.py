@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from offroadseg import benchmark, evaluate, export, modelinfo, predict, training
+from offroadseg import benchmark, evaluate, export, modelinfo, predict, quantize, training
 from offroadseg.augment import eval_transform
 from offroadseg.classes import RAW_IDS
 from offroadseg.data import SegmentationDataset, read_mask, read_raw_mask
@@ -122,7 +122,7 @@ def test_fit_and_export_record_what_inference_needs(checkpoint, onnx_file, tmp_p
     onnx_record = modelinfo.read_inference_info(onnx_file)
     assert onnx_record == info
     calibration = [torch.randn(2, 3, *INPUT) for _ in range(2)]
-    int8 = export.quantize_int8(onnx_file, tmp_path / "int8.onnx", calibration, latency_runs=0)
+    int8 = quantize.quantize_int8(onnx_file, tmp_path / "int8.onnx", calibration, latency_runs=0)
     assert modelinfo.read_inference_info(int8["path"]) == info
 
 

@@ -101,8 +101,8 @@ def latency(
 
     Defaults: on a GPU 10 warm-up and 50 timed calls (milliseconds each); on a
     CPU 1 warm-up and up to 10 timed calls within `max_seconds` of timing, so a
-    SegFormer-B0 at 540x960 (0.4 s a call on two idle cores, seconds on busy
-    ones) takes about 10 s at most.
+    model that takes seconds a call on busy cores still costs little more than
+    `max_seconds` (SegFormer-B0's figures: bench/RESULTS.md, "Figures moved from docstrings").
     """
     device = default_device(device)
     on_gpu = device.type == "cuda"

@@ -64,8 +64,9 @@ def upsampled_argmax(scores: torch.Tensor, size) -> torch.Tensor:
 
     Logits or probabilities alike: a softmax cannot change a single model's argmax, so none is
     taken. The upsample runs on a channels-last copy: its output then holds each pixel's C scores
-    side by side, and the argmax reads them contiguously (on a 2-core CPU at 960x540: about 2x
-    faster than upsample + argmax over NCHW, which strides over whole planes).
+    side by side, and the argmax reads them contiguously (faster than upsample + argmax over NCHW,
+    which strides over whole planes; the figure is in bench/RESULTS.md, "Figures moved from
+    docstrings").
     """
     scores = scores.float()
     if tuple(scores.shape[-2:]) != tuple(size):
