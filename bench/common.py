@@ -1,4 +1,8 @@
-"""Shared bits of the benchmark scripts: machine description, JSON results and small helpers."""
+"""Shared bits of the benchmark scripts: machine description, JSON results and small helpers.
+
+Devices and precision are not chosen here: the scripts take them from the library's one rule,
+`offroadseg.device` (default_device, precision_name, inference_autocast, synchronize).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def machine() -> dict:
 
         info["torch_threads"] = torch.get_num_threads()
         info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # a description of the machine, not a choice of device
             info["gpu"] = torch.cuda.get_device_name(0)
             info["cuda"] = torch.version.cuda
             info["cudnn"] = torch.backends.cudnn.version()
@@ -86,39 +90,6 @@ def profile_models(profile, names=None) -> list[dict]:
         else:
             out.append({"role": "-", "name": name, "options": {}, "batch_size": None})
     return out
-
-
-def resolve_device(name: str | None):
-    import torch
-
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device) -> str:
-    """"auto" -> bf16 on GPUs with native bf16, fp16 on older ones, fp32 on CPU."""
-    import torch
-
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    try:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:
-        bf16 = torch.cuda.is_bf16_supported()
-    return "bf16" if bf16 else "fp16"
-
-
-def autocast(device, precision: str):
-    """The autocast context of `precision` on `device` (none for fp32)."""
-    import torch
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ weighted average of softmax probabilities, `offroadseg.ensemble.Ensemble`) and
 ensemble_tta (`TestTimeAugmentation` around it); student_tta on request.
 
 Per predictor, latency at batch 1 (median and p90 of the timed runs after warm-up;
-`offroadseg.benchmark.time_fn`: perf_counter read after torch.cuda.synchronize):
+`offroadseg.benchmark.time_fn`: perf_counter read after device.synchronize):
 
   native_ms         the real pipeline, frame to labels: a uint8 960x540 RGB frame (numpy, host)
                     -> `evaluate.predict_labels`, the one prediction path (uint8 copied to the
@@ -57,11 +57,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    autocast,
     parse_size,
     profile_models,
-    resolve_device,
-    resolve_precision,
     save_results,
     size_str,
     table,
@@ -69,6 +66,7 @@ from common import (  # noqa: E402
 
 from offroadseg.augment import eval_transform  # noqa: E402
 from offroadseg.benchmark import _is_out_of_memory, time_fn  # noqa: E402
+from offroadseg.device import default_device, inference_autocast, precision_name, synchronize  # noqa: E402
 from offroadseg.ensemble import Ensemble, TestTimeAugmentation  # noqa: E402
 from offroadseg.evaluate import predict_files, predict_labels  # noqa: E402
 from offroadseg.models import build_model, count_parameters  # noqa: E402
@@ -145,17 +143,12 @@ def build_predictors(names, profile, run):
 # --------------------------------------------------------------------------------- timing
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_once(fn, device) -> float:
     """Seconds of one call (the first call of a path: lazy init, cuDNN set-up, torch.compile)."""
-    sync(device)
+    synchronize(device)
     started = time.perf_counter()
     fn()
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -203,8 +196,9 @@ def measure_predict(student, size, native, count: int, batch_size: int, device, 
     import tempfile
 
     from offroadseg.data import write_image
-    from offroadseg.export import OnnxModel, export_onnx, quantize_int8
+    from offroadseg.export import OnnxModel, export_onnx
     from offroadseg.modelinfo import inference_info
+    from offroadseg.quantize import quantize_int8
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
@@ -281,9 +275,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]
-    device = resolve_device(args.device)
+    device = default_device(args.device)
     on_gpu = device.type == "cuda"
-    precision = resolve_precision(args.precision, device)
+    precision = precision_name(device, args.precision)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     names = args.models or list(DEFAULT_PREDICTORS)
     predictors, settings = build_predictors(names, profile, args.checkpoints)
@@ -341,7 +335,7 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             predictor = torch.compile(predictor, mode=args.compile_mode, backend=args.compile_backend, dynamic=False)
             compile_s = time.perf_counter() - started  # wrapping only; the compilation happens in the first calls
-        ctx = autocast(device, precision)
+        ctx = inference_autocast(device, precision)
         kind = "checkpoint" if "random" not in weights else ("random" if "best.pt" not in weights else "mixed")
         row = {"predictor": name, "params_M": params, "weights": kind, "weights_detail": weights, "input": size_str(size),
                "native": size_str(native), "precision": precision, "channels_last": args.channels_last,

@@ -58,8 +58,6 @@ from common import (  # noqa: E402
     model_label,
     parse_size,
     profile_models,
-    resolve_device,
-    resolve_precision,
     save_results,
     size_str,
     table,
@@ -69,7 +67,7 @@ from train_speed import measure  # noqa: E402
 from offroadseg import training  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
 from offroadseg.dataset import PARALLEL_MIN_PAIRS  # noqa: E402
-from offroadseg.device import resolve_precision as engine_precision  # noqa: E402
+from offroadseg.device import default_device, precision_name, resolve_precision, synchronize  # noqa: E402
 from offroadseg.engine import make_accelerator  # noqa: E402
 from offroadseg.profiles import PROFILES  # noqa: E402
 from offroadseg.sampling import EpochSampler, epoch_seed, seed_worker  # noqa: E402
@@ -112,7 +110,7 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
             train_set, batch_size=batch, sampler=sampler, drop_last=pairs >= batch,
             num_workers=workers, worker_init_fn=seed_worker, generator=worker_seeds, pin_memory=device.type == "cuda",
         )
-        accelerator = make_accelerator(engine_precision("auto"))
+        accelerator = make_accelerator(resolve_precision("auto"))
         prepared = accelerator.device.type == device.type
         if prepared:
             loader = accelerator.prepare(loader)
@@ -146,8 +144,7 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
                 images += len(x)
                 if first_batch_s is None:
                     first_batch_s = time.perf_counter() - started
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             seconds = time.perf_counter() - started
             if events:
                 augment_s = sum(begin.elapsed_time(end) for begin, end in events) / 1000
@@ -190,8 +187,8 @@ def main(argv=None) -> None:
     if any(b is not None and b < 2 for b in batches):
         parser.error("--batch must be at least 2: BatchNorm (DeepLab's ASPP pooling branch) cannot train on one image")
     profile = PROFILES[args.profile]
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    device = default_device(args.device)
+    precision = precision_name(device, args.precision)
     on_device = device.type == "cuda" if args.augment == "auto" else args.augment == "device"
     size = (64, 96) if args.quick else (parse_size(args.size) if args.size else tuple(profile.image_size))
     steps, warmup = (1, 1) if args.quick else (args.steps, 2)

@@ -35,13 +35,12 @@ from common import (  # noqa: E402
     model_label,
     parse_size,
     profile_models,
-    resolve_device,
-    resolve_precision,
     save_results,
     size_str,
     table,
 )
 
+from offroadseg.device import default_device, precision_name, synchronize  # noqa: E402
 from offroadseg.losses import SegmentationLoss  # noqa: E402
 from offroadseg.models import build_model, count_parameters  # noqa: E402
 from offroadseg.profiles import DEMO, PROFILES  # noqa: E402
@@ -76,6 +75,8 @@ def measure(name: str, options: dict, size, batch: int, steps: int, device: torc
 
     def step():
         optimizer.zero_grad(set_to_none=True)
+        # A training step: autocast of the precision the one rule chose (precision_name), with a
+        # GradScaler for fp16, as accelerate does inside engine.fit.
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = loss_fn(forward(x), y)
         scaler.scale(loss).backward()
@@ -85,14 +86,12 @@ def measure(name: str, options: dict, size, batch: int, steps: int, device: torc
     warmup_started = time.perf_counter()
     for _ in range(warmup):  # warm-up: allocator, cuDNN autotuning, torch.compile
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     warmup_s = time.perf_counter() - warmup_started
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - started
     row = {"model": model_label(name, options), "params_M": params_m, "size": size_str(size),
            "batch": batch, "precision": precision, "channels_last": channels_last, "steps": steps,
@@ -134,8 +133,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    device = default_device(args.device)
+    precision = precision_name(device, args.precision)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.quick:
         sizes, steps, warmup = [(64, 96)], 1, 1

@@ -118,3 +118,27 @@ def test_precision_rule_lives_in_device(monkeypatch):
     assert device.resolve_precision("auto") == "fp16"  # a T4: bf16 only by emulation
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert device.resolve_precision("auto") == "bf16"
+
+
+def test_inference_precision_follows_the_training_rule_on_gpus_and_is_fp32_on_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert device.precision_name(cpu) == "fp32"  # "auto" on a CPU: no autocast
+    assert device.precision_name(cpu, "bf16") == "bf16"  # forced: autocast's CPU path
+    with pytest.raises(ValueError, match="precision must be one of"):
+        device.inference_autocast(cpu, "half")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
+                        and False)
+    assert device.precision_name("cuda") == "fp16"  # a T4, as in training
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert device.precision_name("cuda") == "bf16" and device.precision_name("cuda", "fp32") == "fp32"
+
+
+def test_default_device_is_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.default_device() == device.default_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device.default_device().type == "cuda" and device.default_device("auto").type == "cuda"
+    assert device.default_device("cpu") == torch.device("cpu")
+    device.synchronize("cpu")  # nothing to wait for on a CPU (and no CUDA call)
+    assert device.device_name(torch.device("cpu")) == "cpu"

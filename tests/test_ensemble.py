@@ -1,16 +1,14 @@
-"""Ensemble averaging, batched test-time augmentation, the one-pass weight search, evaluation."""
+"""Ensemble averaging, batched test-time augmentation, the one-pass weight search."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from predictors import LabelReader, labelled_loader
 from torch import nn
 
-from offroadseg.classes import CLASS_NAMES
-from offroadseg.ensemble import Ensemble, TestTimeAugmentation, choose_weight, evaluate_model, tta_probs
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation, choose_weight, tta_probs
 
 # Tiny tensors: one torch thread (the shared fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,34 +133,7 @@ def test_tta_of_an_ensemble_averages_its_probabilities_without_a_second_softmax(
         assert torch.allclose(TestTimeAugmentation(ensemble, flips=("h", "v"))(x), ensemble(x), atol=1e-6)
 
 
-# ------------------------------------------------------------------ weight search, evaluation
-
-
-class LabelReader(nn.Module):
-    """Reads the true class stored in channel 0 of the image and answers with a chosen confidence.
-
-    `shift` 0 answers the truth, 1 the next class (always wrong); `scale` sets the logits' size.
-    """
-
-    def __init__(self, shift: int, scale: float):
-        super().__init__()
-        self.shift, self.scale = shift, scale
-
-    def forward(self, x):
-        label = (x[:, 0].round().long() + self.shift) % 10
-        return self.scale * F.one_hot(label, 10).permute(0, 3, 1, 2).float()
-
-
-def labelled_loader(batches: int = 3, n: int = 2, h: int = 6, w: int = 8):
-    generator = torch.Generator().manual_seed(0)
-    loader = []
-    for _ in range(batches):
-        masks = torch.randint(0, 10, (n, h, w), generator=generator)
-        images = torch.randn(n, 3, h, w, generator=generator)
-        images[:, 0] = masks.float()
-        masks[:, 0, 0] = 255  # an ignore pixel in every image
-        loader.append((images, masks))
-    return loader
+# ------------------------------------------------------------------ weight search
 
 
 def test_choose_weight_picks_the_perfect_member_in_one_pass():
@@ -185,52 +156,3 @@ def test_choose_weight_breaks_ties_towards_an_even_blend():
     best, table = choose_weight(perfect, perfect, labelled_loader(), grid=[0.0, 0.2, 0.6, 1.0], device="cpu")
     assert all(row["miou"] == pytest.approx(1.0) for row in table)
     assert best == 0.6
-
-
-def test_evaluate_model_scores_models_ensembles_and_tta():
-    loader = labelled_loader()
-    perfect = LabelReader(shift=0, scale=5.0)
-    for predictor in (perfect, Ensemble([perfect]), TestTimeAugmentation(Ensemble([perfect]), flips=())):
-        result = evaluate_model(predictor, loader, device="cpu")
-        assert result["miou"] == pytest.approx(1.0) and result["pixel_acc"] == pytest.approx(1.0)
-        assert result["images"] == 6
-        assert sum(map(sum, result["confusion_matrix"])) == 6 * 6 * 8 - 6  # ignore pixels left out
-        assert list(result["per_class_iou"]) == list(CLASS_NAMES)
-    wrong = evaluate_model(LabelReader(shift=1, scale=5.0), loader, device="cpu")
-    assert wrong["pixel_acc"] == 0.0 and wrong["miou"] == 0.0
-
-
-def test_evaluate_model_resizes_predictions_to_the_masks():
-    # A model at half resolution: its argmax is upsampled to the mask, where it is still right.
-    class HalfSize(nn.Module):
-        def forward(self, x):
-            logits = torch.zeros(x.shape[0], 10, x.shape[-2] // 2, x.shape[-1] // 2)
-            logits[:, 3] = 1.0
-            return logits
-
-    masks = torch.full((2, 6, 8), 3)
-    result = evaluate_model(HalfSize(), [(torch.zeros(2, 3, 6, 8), masks)], device="cpu")
-    assert result["pixel_acc"] == 1.0 and math.isnan(result["iou"][0]) and result["iou"][3] == 1.0
-
-
-def test_choose_tta_prefers_the_set_that_scores_best():
-    from offroadseg.ensemble import choose_tta
-
-    # Truth: class 1 on the top half, class 0 below. The model has learnt "class 1 is up"
-    # (like sky): an h-flipped view agrees with it, a v-flipped view contradicts it.
-    images = torch.rand(2, 3, 8, 8)
-    masks = torch.zeros(2, 8, 8, dtype=torch.long)
-    masks[:, :4] = 1
-
-    class UpIsClassOne(torch.nn.Module):
-        def forward(self, x):
-            logits = torch.full((x.shape[0], 10, 8, 8), -5.0)
-            logits[:, 1, :4] = 4.0
-            logits[:, 0, 4:] = 4.0
-            return logits
-
-    flips, table = choose_tta(UpIsClassOne(), [(images, masks)], candidates=(("v",), ("h",)), device="cpu")
-    assert flips == ("h",)
-    scores = {tuple(row["flips"]): row["miou"] for row in table}
-    assert scores[()] == pytest.approx(1.0) and scores[("h",)] == pytest.approx(1.0)
-    assert scores[("v",)] < 0.5  # the v view cancels the plain one and the tie falls to class 0

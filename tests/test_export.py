@@ -1,4 +1,4 @@
-"""ONNX export, PyTorch/onnxruntime parity, INT8 quantisation, ONNX latency."""
+"""ONNX export, PyTorch/onnxruntime parity, INT8 quantisation (offroadseg.quantize), ONNX latency."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from google.protobuf.message import DecodeError
 
-from offroadseg import export
+from offroadseg import export, quantize
 from offroadseg.models import build_model
 
 SIZE = (64, 96)
@@ -183,7 +183,7 @@ def fitted_onnx(tmp_path_factory):
 @pytest.mark.slow
 def test_int8_is_smaller_and_predicts_like_fp32(fitted_onnx, tmp_path):
     path, calibration, held_out = fitted_onnx
-    report = export.quantize_int8(path, tmp_path / "int8.onnx", calibration, eval_batches=held_out,
+    report = quantize.quantize_int8(path, tmp_path / "int8.onnx", calibration, eval_batches=held_out,
                                   latency_runs=3, threads=1)
     assert report["mode"] == "static" and report["fallback_reason"] is None
     assert report["fp32_miou"] > 0.6  # the model did learn, so agreement below means something
@@ -208,10 +208,10 @@ def test_int8_falls_back_to_dynamic_when_static_fails(segformer_onnx, tmp_path, 
     def fail(*args, **kwargs):
         raise RuntimeError("no calibration for you")
 
-    monkeypatch.setattr(export, "_quantize_static", fail)
+    monkeypatch.setattr(quantize, "_quantize_static", fail)
     batches = [torch.randn(1, 3, *SIZE)]
     with pytest.warns(UserWarning, match="falling back to dynamic"):
-        report = export.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", batches, latency_runs=0)
+        report = quantize.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", batches, latency_runs=0)
     assert report["mode"] == "dynamic" and "no calibration for you" in report["fallback_reason"]
     assert report["fp32_latency"] is None and report["fp32_miou"] is None
     assert report["int8_bytes"] < report["fp32_bytes"]
@@ -222,17 +222,17 @@ def test_failed_quantisation_leaves_nothing_behind(segformer_onnx, tmp_path, mon
     def fail(*args, **kwargs):
         raise RuntimeError("quantiser crashed")
 
-    monkeypatch.setattr(export, "_quantize_dynamic", fail)
+    monkeypatch.setattr(quantize, "_quantize_dynamic", fail)
     with pytest.raises(RuntimeError, match="quantiser crashed"):
-        export.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", [torch.randn(1, 3, *SIZE)], mode="dynamic")
+        quantize.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", [torch.randn(1, 3, *SIZE)], mode="dynamic")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_int8_rejects_unknown_modes_and_empty_calibration(segformer_onnx, tmp_path):
     with pytest.raises(ValueError, match="mode"):
-        export.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", [torch.randn(1, 3, *SIZE)], mode="fp8")
+        quantize.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", [torch.randn(1, 3, *SIZE)], mode="fp8")
     with pytest.raises(ValueError, match="calibration"):
-        export.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", [])
+        quantize.quantize_int8(segformer_onnx, tmp_path / "int8.onnx", [])
 
 
 # ----------------------------------------------------------------------------- latency

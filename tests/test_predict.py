@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from offroadseg import benchmark, evaluate, export, modelinfo, predict, training
+from offroadseg import benchmark, evaluate, export, modelinfo, predict, quantize, training
 from offroadseg.augment import eval_transform
 from offroadseg.checkpoints import load_model
 from offroadseg.classes import RAW_IDS
 from offroadseg.data import read_mask, read_raw_mask
 from offroadseg.dataset import SegmentationDataset
+from offroadseg.device import on_device
 from offroadseg.engine import TrainConfig, fit
-from offroadseg.ensemble import Ensemble, TestTimeAugmentation, on_device
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation
 from offroadseg.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +124,7 @@ def test_fit_and_export_record_what_inference_needs(checkpoint, onnx_file, tmp_p
     onnx_record = modelinfo.read_inference_info(onnx_file)
     assert onnx_record == info
     calibration = [torch.randn(2, 3, *INPUT) for _ in range(2)]
-    int8 = export.quantize_int8(onnx_file, tmp_path / "int8.onnx", calibration, latency_runs=0)
+    int8 = quantize.quantize_int8(onnx_file, tmp_path / "int8.onnx", calibration, latency_runs=0)
     assert modelinfo.read_inference_info(int8["path"]) == info
 
 

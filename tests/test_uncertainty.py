@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import matplotlib.pyplot as plt
@@ -17,10 +18,10 @@ from offroadseg.augment import eval_transform
 from offroadseg.classes import CLASS_NAMES
 from offroadseg.dataset import SegmentationDataset
 from offroadseg.uncertainty import (
+    SHARE_PREFIX,
     pixel_entropy,
     pixel_margin,
     rank_by_uncertainty,
-    read_ranking_csv,
     uncertainty_figure,
     write_ranking_csv,
 )
@@ -149,6 +150,19 @@ def test_ranking_of_a_real_dataset_names_stems_and_paths(grey_dataset):
     assert [row["stem"] for row in rows] == ["img1", "img3", "img2", "img0"]  # darkest first
     assert rows[0]["image"] == str(grey_dataset.pairs[1][0])
     assert all(row["uncertain_class"] == "Rocks" for row in rows)
+
+
+def read_ranking_csv(path) -> list[dict]:
+    """The rows `rank_by_uncertainty` returned, back from the CSV `write_ranking_csv` wrote (as a user
+    would read it: csv.DictReader, numbers from their text)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    return [{"rank": int(record["rank"]), "index": int(record["index"]), "stem": record["stem"],
+             "image": record["image"] or None, "measure": record["measure"], "score": float(record["score"]),
+             "uncertain_class": record["uncertain_class"],
+             "class_share": {key[len(SHARE_PREFIX):]: float(value) for key, value in record.items()
+                             if key.startswith(SHARE_PREFIX)}}
+            for record in records]
 
 
 def test_csv_round_trip(grey_dataset, tmp_path):

@@ -5,12 +5,12 @@
     throughput(model, (540, 960))               # the batch size with the most images/s
 
 Rules that make the numbers mean something:
-- the clock is `time.perf_counter`, read after `torch.cuda.synchronize` when the
-  work runs on a GPU (kernels are asynchronous; without it one times the launch);
+- the clock is `time.perf_counter`, read after `device.synchronize` (torch.cuda.synchronize)
+  when the work runs on a GPU (kernels are asynchronous; without it one times the launch);
 - a few untimed warm-up calls first (allocator, cuDNN autotuning, lazy init);
 - the median and 90th percentile of the timed calls, not the mean, so one
   hiccup of a shared machine does not move the figure;
-- models run as in evaluation (`ensemble.inference_autocast`: bf16 on GPUs that
+- models run as in evaluation (`device.inference_autocast`: bf16 on GPUs that
   support it, fp32 on CPU) under `torch.inference_mode()`, on random
   normalised input (values do not change the cost of these networks).
 
@@ -27,14 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ensemble import default_device, inference_autocast, on_device, precision_name
+from .device import default_device, device_name, inference_autocast, on_device, precision_name, synchronize
 
 NATIVE_SIZE = (540, 960)  # (height, width) of the Falcon images
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 3, runs: int = 20, device=None,
@@ -52,13 +47,13 @@ def time_fn(fn: Callable[[], object], warmup: int = 3, runs: int = 20, device=No
     device = default_device(device)
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    synchronize(device)
     times = []
     spent = 0.0
     for _ in range(runs):
         start = time.perf_counter()
         fn()
-        _synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         times.append(elapsed * 1000.0)
         spent += elapsed
@@ -101,13 +96,13 @@ def latency(
 
     `input_size` is (height, width), the native 960x540 by default. A module runs
     on `device` in eval mode and is put back where and as it was afterwards
-    (`ensemble.on_device`: the caller's model is never moved behind its back).
+    (`device.on_device`: the caller's model is never moved behind its back).
     Returns `time_fn`'s fields plus device, input_size [H, W], batch and precision ("bf16", "fp16" or "fp32").
 
     Defaults: on a GPU 10 warm-up and 50 timed calls (milliseconds each); on a
     CPU 1 warm-up and up to 10 timed calls within `max_seconds` of timing, so a
-    SegFormer-B0 at 540x960 (0.4 s a call on two idle cores, seconds on busy
-    ones) takes about 10 s at most.
+    model that takes seconds a call on busy cores still costs little more than
+    `max_seconds` (SegFormer-B0's figures: bench/RESULTS.md, "Figures moved from docstrings").
     """
     device = default_device(device)
     on_gpu = device.type == "cuda"
@@ -117,18 +112,8 @@ def latency(
     with on_device(model, device):
         timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
                          max_seconds=max_seconds)
-    return {**timing, "device": _device_name(device), "input_size": list(input_size), "batch": batch,
-            "precision": _precision(device)}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return str(device)
-
-
-def _precision(device: torch.device) -> str:
-    return precision_name(device)
+    return {**timing, "device": device_name(device), "input_size": list(input_size), "batch": batch,
+            "precision": precision_name(device)}
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -160,7 +145,7 @@ def throughput(
     size limit, say), {"error": "<Type>: <message>"}, never called a memory
     problem; the sizes timed before it still count. Only when no size at all
     could be timed is that error raised. The model runs on `device` in eval
-    mode and is put back where and as it was (`ensemble.on_device`).
+    mode and is put back where and as it was (`device.on_device`).
     Returns {"best_batch", "images_per_s", "per_batch": {batch: {"images_per_s",
     "median_ms", "runs"} or {"error": ...}}, "device", "input_size", "precision"}.
     """
@@ -201,4 +186,4 @@ def _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, r
     if best_batch is None:
         raise RuntimeError(f"no batch size of {batch_sizes} could be timed: {per_batch}") from failure
     return {"best_batch": best_batch, "images_per_s": best_rate, "per_batch": per_batch,
-            "device": _device_name(device), "input_size": list(input_size), "precision": _precision(device)}
+            "device": device_name(device), "input_size": list(input_size), "precision": precision_name(device)}

@@ -1,7 +1,23 @@
 """The one device and precision rule, and the check that torch can use the NVIDIA GPU a machine has.
 
+    device = default_device()                  # the GPU when there is one, else the CPU
+    with on_device(model, device), inference_autocast(device):
+        logits = model(x)                      # bf16 (fp16 on older GPUs) on a GPU, fp32 on the CPU
+    synchronize(device)                        # before reading a clock: GPU kernels are asynchronous
+
     python -m offroadseg.device --check   # exit 1 with a message when an NVIDIA GPU is present
                                           # that this torch cannot use (run_all.sh calls it)
+
+The rule, for training, inference, benchmarks, export, uncertainty and bench/:
+- `device=None` (or "auto") means the GPU when there is one, else the CPU (`default_device`); a
+  predictor that is an `nn.Module` runs there in eval mode for the call (`on_device`) and is put
+  back where and as it was afterwards: helpers never move a caller's model.
+- Training: `resolve_precision` turns a
+  TrainConfig.precision into accelerate's mixed_precision value: bf16 where the GPU has it
+  natively, fp16 on other GPUs (T4), fp32 on the CPU.
+- Inference runs under `torch.inference_mode()` with the same choice as autocast
+  (`inference_autocast`), so a model is evaluated in the precision it was trained in;
+  probabilities are computed in fp32 from the (possibly half-precision) logits.
 
 Why the check: the pinned torch (`torch==2.14.1` from the registry) is a CUDA 13 build. It
 needs an NVIDIA driver 580 or newer, and carries kernels for compute capability 7.5 and up
@@ -11,20 +27,19 @@ full profile would train on the CPU for days without a word; on a P100 every ker
 with "no kernel image is available". So a machine that has an NVIDIA GPU (`nvidia-smi`
 answers) that torch cannot use stops before any work, naming the GPU, its driver and the
 way out. `OFFROADSEG_ALLOW_CPU=1` runs on the CPU anyway.
-
-Precision: `resolve_precision` turns a TrainConfig.precision into accelerate's mixed_precision
-value: bf16 where the GPU has it natively, fp16 on other GPUs (T4), fp32 on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 
 import torch
+from torch import nn
 
 ALLOW_CPU_ENV = "OFFROADSEG_ALLOW_CPU"
 # Oldest Linux driver branch that runs each CUDA major version (NVIDIA's CUDA compatibility table).
@@ -50,6 +65,118 @@ def resolve_precision(precision: str) -> str:
     except TypeError:  # older torch without the argument
         bf16 = torch.cuda.is_bf16_supported()
     return "bf16" if bf16 else "fp16"
+
+
+# ------------------------------------------------------------------ devices
+
+
+def default_device(device=None) -> torch.device:
+    """`device` as a torch.device; None (or "auto") means the GPU when there is one, else the CPU."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def synchronize(device) -> None:
+    """Wait for `device`'s queued work (a no-op on the CPU): read a clock only after it, since GPU
+    kernels run asynchronously and without it one times their launch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device) -> str:
+    """How reports name `device`: "cuda (<GPU name>)" for a GPU, else e.g. "cpu"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+# ------------------------------------------------------------------ inference precision
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_autocast(device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """THE precision rule of inference (predictions, uncertainty, evaluation, timing, ONNX parity).
+
+    "auto": bf16 on GPUs with native bf16, fp16 on older GPUs, none (fp32) on CPU: the same rule
+    as training (`resolve_precision("auto")`), so a model is evaluated in the precision it
+    was trained in. "fp32", "bf16", "fp16" force one (bf16 on a CPU is autocast's CPU path).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    device = torch.device(device)
+    if precision == "auto":
+        precision = resolve_precision("auto") if device.type == "cuda" else "no"
+    if precision in ("no", "fp32"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def precision_name(device, precision: str = "auto") -> str:
+    """"bf16", "fp16" or "fp32": what `inference_autocast(device, precision)` computes in."""
+    context = inference_autocast(device, precision)
+    if isinstance(context, torch.autocast):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[context.fast_dtype]
+    return "fp32"
+
+
+# ------------------------------------------------------------------ where a model runs
+
+
+def model_device(predictor) -> torch.device:
+    """Where `predictor` computes: its first parameter's (or buffer's) device for a module; a
+    callable's `device` attribute (an ONNX session wrapper: the CPU); else the CPU."""
+    if isinstance(predictor, nn.Module):
+        for tensor in (*predictor.parameters(), *predictor.buffers()):
+            return tensor.device
+    return torch.device(getattr(predictor, "device", "cpu"))
+
+
+@contextlib.contextmanager
+def on_device(predictor, device=None):
+    """`predictor` on `device` (None: its own device) in eval mode for the block, then put back
+    exactly as it was: same parameter and buffer tensors (so the same device) and train/eval modes.
+
+    Helpers that are given a device use this instead of moving the caller's model: the caller's
+    next call (say a CPU batch into a model a timing helper moved to CUDA) never finds it moved
+    behind its back. The original tensors are kept while the block runs, so moving back costs
+    nothing. Callables that are not modules are used as they are.
+    """
+    if not isinstance(predictor, nn.Module):
+        yield predictor
+        return
+    device = model_device(predictor) if device is None else torch.device(device)
+    modes = [(module, module.training) for module in predictor.modules()]
+    params, buffers = [], []
+    for module in predictor.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                grad = param.grad
+                params.append((module, name, param, param.data, grad, None if grad is None else grad.data))
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                buffers.append((module, name, buffer))
+    moved = model_device(predictor) != device
+    if moved:
+        predictor.to(device)
+    predictor.eval()
+    try:
+        yield predictor
+    finally:
+        if moved:
+            for module, name, param, data, grad, grad_data in params:
+                module._parameters[name] = param
+                param.data = data
+                if grad is not None:
+                    grad.data = grad_data
+                    param.grad = grad
+            for module, name, buffer in buffers:
+                module._buffers[name] = buffer
+        for module, mode in modes:
+            module.training = mode
 
 
 # --------------------------------------------------------------------- the GPU check

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classes import IGNORE_INDEX
+from .device import inference_autocast
 from .ensemble import Ensemble
 from .losses import CrossEntropyLoss
 
@@ -356,12 +357,11 @@ def cost_split(distiller: Distiller, model: nn.Module, images: torch.Tensor, mas
     What caching soft labels could save at most is `teachers_ms` (the student
     step remains); `teacher_share` = teachers / (teachers + student). Runs
     on the images' device, under the same autocast as training would
-    (`ensemble.inference_autocast` rule), in training mode for the student;
+    (`device.inference_autocast` rule), in training mode for the student;
     afterwards its gradients are cleared and its buffers (BatchNorm
     statistics) and mode restored, so measuring does not change the model.
     """
     from .benchmark import time_fn
-    from .ensemble import inference_autocast
 
     device = images.device
     masks = masks.to(device)

@@ -1,10 +1,13 @@
-"""Ensembles, test-time augmentation and evaluation of anything that segments.
+"""Ensembles and test-time augmentation of anything that segments.
 
     ensemble = Ensemble([segformer, deeplab], weights=[0.6, 0.4])
     probs = ensemble(x)                                   # (N, 10, H, W) probabilities, not logits
     w, table = choose_weight(segformer, deeplab, val_loader)   # one pass over the loader
     tta = TestTimeAugmentation(ensemble, flips=("h", "v"))    # one batched pass per scale
-    result = evaluate_model(tta, val_loader)              # {"miou", "pixel_acc", "iou", ...}
+
+Scoring any of these over a loader is `evaluate.evaluate_model`, and choosing the TTA flip set
+by that score is `evaluate.choose_tta`: evaluate builds on this module (its prediction path
+wraps predictors in `TestTimeAugmentation`), so this one never imports evaluate.
 
 Conventions:
 - Models (`offroadseg.models`) return logits. An `Ensemble` and a
@@ -15,17 +18,12 @@ Conventions:
 - Averages are taken over probabilities (softmax outputs), never over logits:
   members trained with different losses have logits of different scales, and
   the reference report averaged softmax outputs.
-- Inference runs under `torch.inference_mode()` with bf16 autocast on GPUs that
-  support it natively (fp16 on older ones) and fp32 on CPU (`inference_autocast`).
-  Probabilities are computed in fp32 from the (possibly half-precision) logits.
-- `device=None` means the GPU when there is one, else the CPU; a predictor
-  that is an `nn.Module` runs there in eval mode for the call (`on_device`) and
-  is put back where and as it was afterwards: helpers never move a caller's model.
+- Devices and precision follow the one rule of `offroadseg.device` (`default_device`,
+  `on_device`, `inference_autocast`); probabilities are computed in fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -35,103 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classes import NUM_CLASSES
-from .metrics import confusion_matrix, per_class, scores
+from .device import default_device, inference_autocast, on_device
+from .metrics import confusion_matrix, scores
 
 # Test-time flips by name: the tensor dimensions each one reverses in an (N, C, H, W) batch.
 FLIPS = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
-
-
-# ------------------------------------------------------------------ device and precision
-
-
-def default_device(device=None) -> torch.device:
-    """`device` as a torch.device; None means the GPU when there is one, else the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def inference_autocast(device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """THE precision rule of inference (predictions, uncertainty, evaluation, timing, ONNX parity).
-
-    "auto": bf16 on GPUs with native bf16, fp16 on older GPUs, none (fp32) on CPU: the same rule
-    as training (`device.resolve_precision("auto")`), so a model is evaluated in the precision it
-    was trained in. "fp32", "bf16", "fp16" force one (bf16 on a CPU is autocast's CPU path).
-    """
-    from .device import resolve_precision
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    device = torch.device(device)
-    if precision == "auto":
-        precision = resolve_precision("auto") if device.type == "cuda" else "no"
-    if precision in ("no", "fp32"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def precision_name(device, precision: str = "auto") -> str:
-    """"bf16", "fp16" or "fp32": what `inference_autocast(device, precision)` computes in."""
-    context = inference_autocast(device, precision)
-    if isinstance(context, torch.autocast):
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[context.fast_dtype]
-    return "fp32"
-
-
-def model_device(predictor) -> torch.device:
-    """Where `predictor` computes: its first parameter's (or buffer's) device for a module; a
-    callable's `device` attribute (an ONNX session wrapper: the CPU); else the CPU."""
-    if isinstance(predictor, nn.Module):
-        for tensor in (*predictor.parameters(), *predictor.buffers()):
-            return tensor.device
-    return torch.device(getattr(predictor, "device", "cpu"))
-
-
-@contextlib.contextmanager
-def on_device(predictor, device=None):
-    """`predictor` on `device` (None: its own device) in eval mode for the block, then put back
-    exactly as it was: same parameter and buffer tensors (so the same device) and train/eval modes.
-
-    Helpers that are given a device use this instead of moving the caller's model: the caller's
-    next call (say a CPU batch into a model a timing helper moved to CUDA) never finds it moved
-    behind its back. The original tensors are kept while the block runs, so moving back costs
-    nothing. Callables that are not modules are used as they are.
-    """
-    if not isinstance(predictor, nn.Module):
-        yield predictor
-        return
-    device = model_device(predictor) if device is None else torch.device(device)
-    modes = [(module, module.training) for module in predictor.modules()]
-    params, buffers = [], []
-    for module in predictor.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                grad = param.grad
-                params.append((module, name, param, param.data, grad, None if grad is None else grad.data))
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                buffers.append((module, name, buffer))
-    moved = model_device(predictor) != device
-    if moved:
-        predictor.to(device)
-    predictor.eval()
-    try:
-        yield predictor
-    finally:
-        if moved:
-            for module, name, param, data, grad, grad_data in params:
-                module._parameters[name] = param
-                param.data = data
-                if grad is not None:
-                    grad.data = grad_data
-                    param.grad = grad
-            for module, name, buffer in buffers:
-                module._buffers[name] = buffer
-        for module, mode in modes:
-            module.training = mode
 
 
 def probabilities(predictor: Callable, x: torch.Tensor, size=None) -> torch.Tensor:
@@ -158,8 +64,9 @@ def upsampled_argmax(scores: torch.Tensor, size) -> torch.Tensor:
 
     Logits or probabilities alike: a softmax cannot change a single model's argmax, so none is
     taken. The upsample runs on a channels-last copy: its output then holds each pixel's C scores
-    side by side, and the argmax reads them contiguously (on a 2-core CPU at 960x540: about 2x
-    faster than upsample + argmax over NCHW, which strides over whole planes).
+    side by side, and the argmax reads them contiguously (faster than upsample + argmax over NCHW,
+    which strides over whole planes; the figure is in bench/RESULTS.md, "Figures moved from
+    docstrings").
     """
     scores = scores.float()
     if tuple(scores.shape[-2:]) != tuple(size):
@@ -299,36 +206,7 @@ class TestTimeAugmentation(nn.Module):
         return tta_probs(self.model, x, self.flips, self.scales)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.inference_mode()
-def evaluate_model(predictor: Callable, loader: Iterable, device=None, num_classes: int = NUM_CLASSES) -> dict:
-    """Scores of `predictor` (a model, an Ensemble, a TTA wrapper, any callable) over `loader`.
-
-    `loader` yields (images, masks) batches (masks int64 with 255 = ignore).
-    The prediction is the argmax of the predictor's output (logits or
-    probabilities), resized bilinearly to the mask's size when it differs, and
-    one confusion matrix is accumulated on the device. Returns `metrics.scores`
-    (miou, pixel_acc, iou, ...) plus per_class_iou {class name: IoU},
-    confusion_matrix (nested lists) and images (count).
-    """
-    device = default_device(device)
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    images_seen = 0
-    with on_device(predictor, device):
-        for images, masks in loader:
-            images, masks = images.to(device), masks.to(device)
-            with inference_autocast(device):
-                out = predictor(images)
-            cm += confusion_matrix(upsampled_argmax(out, masks.shape[-2:]), masks, num_classes=num_classes)
-            images_seen += len(images)
-    result = scores(cm)
-    if num_classes == NUM_CLASSES:
-        result["per_class_iou"] = per_class(result["iou"])
-    result["confusion_matrix"] = cm.cpu().tolist()
-    result["images"] = images_seen
-    return result
+# ------------------------------------------------------------------ choosing the blend
 
 
 @torch.inference_mode()
@@ -343,7 +221,10 @@ def choose_weight(
     """The weight w of member a (1 - w for b) that maximises val mIoU of w p_a + (1 - w) p_b.
 
     ONE pass over `loader`: each batch runs both members once, and one confusion
-    matrix per grid weight is updated from the blended probabilities. Returns
+    matrix per grid weight is updated from the blended probabilities. So it keeps its own
+    accumulation (`metrics.confusion_matrix`, `metrics.scores`) rather than calling the scorer,
+    `evaluate.evaluate_model`, once per weight, which would run both members len(grid) times;
+    the members run under the same rules (`device.on_device`, `inference_autocast`). Returns
     `(best_w, table)`, `table` holding {"weight", "miou", "pixel_acc"} per grid
     weight in grid order. Among equally good weights the one closest to 0.5
     wins: with no evidence either way, an even blend is the safer bet.
@@ -372,19 +253,3 @@ def choose_weight(
         return (miou, -abs(row["weight"] - 0.5))
 
     return max(table, key=rank)["weight"], table
-
-
-def choose_tta(predictor: Callable, loader: Iterable, candidates=(("h",), ("h", "v")), device=None) -> tuple[tuple, list[dict]]:
-    """The TTA flip set that scores best on `loader`, and every candidate's scores.
-
-    Chosen on validation data like the member weight: a vertical flip puts the sky
-    at the bottom, which models trained with horizontal flips only may never have
-    seen, so whether it helps is measured rather than assumed. "none" (no TTA) is
-    always scored as the baseline; ties go to the cheaper set.
-    """
-    table = [{"flips": [], "miou": evaluate_model(predictor, loader, device)["miou"]}]
-    for flips in candidates:
-        tta = TestTimeAugmentation(predictor, flips=tuple(flips))
-        table.append({"flips": list(flips), "miou": evaluate_model(tta, loader, device)["miou"]})
-    best = max(table[1:], key=lambda row: (row["miou"], -len(row["flips"])))
-    return tuple(best["flips"]), table

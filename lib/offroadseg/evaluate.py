@@ -1,7 +1,15 @@
-"""Final evaluation (notebook 06): scores per model, per-image ranking, confusions, predictions,
-and the one prediction path every caller shares (`predict_labels`: notebook 06's test
-predictions and best/worst rows, the uncertainty ranking, `python -m offroadseg.predict`,
-bench/inference.py).
+"""Evaluation: the one scorer, the one prediction path, and notebook 06's rows, rankings and files.
+
+    result = evaluate_model(tta, val_loader)        # {"miou", "pixel_acc", "iou", "per_class_iou", ...}
+    flips, table = choose_tta(ensemble, val_loader)  # the TTA flip set that scores best
+    labels = predict_labels(model, frames, input_size=(180, 320))   # uint8 class maps, one per frame
+
+- `evaluate_model` scores any predictor (a model, an Ensemble, a TTA wrapper, an ONNX session)
+  over a loader: notebooks 04 and 06, `choose_tta`, and with its hooks (loss, reduction over
+  processes, the accelerator's autocast) training's validation.
+- `predict_labels` turns images into label maps for every caller that wants maps rather than
+  scores: notebook 06's test predictions and best/worst rows, the uncertainty ranking,
+  `python -m offroadseg.predict`, bench/inference.py.
 
 metrics.json (what users and scripts read) holds one row per evaluated model:
 {"model", "params", "latency_ms": {"median", "p90", "device", "input_size"}, "images_per_s",
@@ -10,10 +18,11 @@ metrics.json (what users and scripts read) holds one row per evaluated model:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,18 +32,90 @@ from torchvision.transforms.v2 import functional as TF
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
 from .data import DataError, read_image, write_image, write_raw_mask
-from .ensemble import (
-    TestTimeAugmentation,
-    default_device,
-    inference_autocast,
-    model_device,
-    on_device,
-    upsampled_argmax,
-)
-from .files import read_json, write_json
+from .device import default_device, inference_autocast, model_device, on_device, synchronize
+from .ensemble import TestTimeAugmentation, upsampled_argmax
+from .files import write_json
 from .metrics import confusion_matrix, per_class, scores
 
 METRICS_VERSION = 1
+
+
+# ------------------------------------------------------------------------- the one scorer
+
+
+@torch.inference_mode()
+def evaluate_model(predictor: Callable, loader: Iterable, device=None, num_classes: int = NUM_CLASSES,
+                   loss_fn: Callable | None = None, reduce: Callable | None = None,
+                   autocast: Callable | None = None) -> dict:
+    """THE scorer: scores of `predictor` (a model, an Ensemble, a TTA wrapper, any callable) over `loader`.
+
+    `loader` yields (images, masks) batches (masks int64 with 255 = ignore). The prediction is the
+    argmax of the predictor's output (logits or probabilities), upsampled bilinearly to the mask's
+    size when it differs (`ensemble.upsampled_argmax`, as `predict_labels` does), and one confusion
+    matrix is accumulated on the device. The predictor runs on `device` (None: the GPU when there
+    is one) in eval mode and is put back where and as it was (`device.on_device`), under
+    `device.inference_autocast(device)`.
+
+    Hooks, for training's validation:
+    - `loss_fn(outputs, masks)`, called on the fp32 outputs as the predictor returns them: the
+      result gains "loss", the mean over images of the batch losses; a batch whose loss is not
+      finite (only ignore pixels) is left out, and with none left the loss is NaN.
+    - `reduce(tensor)` returns `tensor` summed over processes (`accelerator.reduce`, whose default
+      reduction is the sum): the confusion matrix, the loss sums and the image count go through
+      it before scoring, so every process returns the scores of all processes' shares.
+    - `autocast()` returns the context the forward runs in (`accelerator.autocast`), instead of
+      the inference precision rule.
+
+    Returns `metrics.scores` (miou, pixel_acc, iou, ...) plus per_class_iou {class name: IoU} (for
+    the ten classes), confusion_matrix (nested lists), images (count) and, with `loss_fn`, loss.
+    """
+    device = default_device(device)
+    if autocast is None:
+        def autocast():
+            return inference_autocast(device)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image losses, images with one
+    images_seen = torch.zeros((), dtype=torch.int64, device=device)
+    with on_device(predictor, device):
+        for images, masks in loader:
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            with autocast():
+                out = predictor(images)
+            if loss_fn is not None:
+                loss = loss_fn(out.float(), masks)
+                if torch.isfinite(loss):  # a batch of only ignore pixels has no loss
+                    loss_sum += torch.stack([loss.double() * len(images), loss_sum.new_tensor(len(images))])
+            cm += confusion_matrix(upsampled_argmax(out, masks.shape[-2:]), masks, num_classes=num_classes)
+            images_seen += len(images)
+    if reduce is not None:
+        cm, loss_sum, images_seen = reduce(cm), reduce(loss_sum), reduce(images_seen)
+    result = scores(cm)
+    if num_classes == NUM_CLASSES:
+        result["per_class_iou"] = per_class(result["iou"])
+    result["confusion_matrix"] = cm.cpu().tolist()
+    result["images"] = int(images_seen)
+    if loss_fn is not None:
+        result["loss"] = (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else math.nan
+    return result
+
+
+def choose_tta(predictor: Callable, loader: Iterable, candidates=(("h",), ("h", "v")), device=None) -> tuple[tuple, list[dict]]:
+    """The TTA flip set that scores best on `loader` (`evaluate_model`), and every candidate's scores.
+
+    Chosen on validation data like the member weight (`ensemble.choose_weight`): a vertical flip
+    puts the sky at the bottom, which models trained with horizontal flips only may never have
+    seen, so whether it helps is measured rather than assumed. "none" (no TTA) is always scored
+    as the baseline; ties go to the cheaper set.
+    """
+    table = [{"flips": [], "miou": evaluate_model(predictor, loader, device)["miou"]}]
+    for flips in candidates:
+        tta = TestTimeAugmentation(predictor, flips=tuple(flips))
+        table.append({"flips": list(flips), "miou": evaluate_model(tta, loader, device)["miou"]})
+    best = max(table[1:], key=lambda row: (row["miou"], -len(row["flips"])))
+    return tuple(best["flips"]), table
+
+
+# ------------------------------------------------------------------------- notebook 06's rows
 
 
 def most_confused_pairs(cm, top: int = 5) -> list[dict]:
@@ -49,11 +130,6 @@ def most_confused_pairs(cm, top: int = 5) -> list[dict]:
                               "share_of_truth": float(cm[t, p] / truth_totals[t])})
     pairs.sort(key=lambda row: row["share_of_truth"], reverse=True)
     return pairs[:top]
-
-
-def per_image_scores(predictions, targets) -> list[float]:
-    """mIoU of each image on its own (classes absent from both are left out, as in `scores`)."""
-    return [scores(confusion_matrix(p, t))["miou"] for p, t in zip(predictions, targets)]
 
 
 # ------------------------------------------------------------------ the one prediction path
@@ -86,11 +162,6 @@ def frames_to_batch(frames: Sequence, input_size, device, mean=IMAGENET_MEAN, st
     return out
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Clock:
     """Adds the seconds of each stage to `timings` (when given); synchronises a GPU so work is counted
     where it runs, not where it was queued."""
@@ -102,7 +173,7 @@ class _Clock:
     def lap(self, stage: str) -> None:
         if self.timings is None:
             return
-        _synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
         self.last = now
@@ -121,9 +192,9 @@ def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequen
     the model's output is upsampled bilinearly before the argmax (`ensemble.upsampled_argmax`),
     labels are never resized.
 
-    Rules every caller gets: inputs go to the predictor's device (`ensemble.model_device`), the
-    predictor runs in eval mode and is left where and as it was (`ensemble.on_device`), under
-    `ensemble.inference_autocast(device, precision)`. `flips`/`scales` wrap it in test-time
+    Rules every caller gets: inputs go to the predictor's device (`device.model_device`), the
+    predictor runs in eval mode and is left where and as it was (`device.on_device`), under
+    `device.inference_autocast(device, precision)`. `flips`/`scales` wrap it in test-time
     augmentation. Logits or probabilities (`returns_probs`) both work: the argmax needs no softmax.
 
     `return_log_probs=True` returns (labels, log_probs): fp32 log-probabilities (N, C, h, w) at
@@ -316,10 +387,6 @@ def write_metrics(path, rows: list[dict], **context) -> dict:
     content = {"version": METRICS_VERSION, **context, "models": rows}
     write_json(path, content)
     return content
-
-
-def read_metrics(path) -> dict:
-    return read_json(path)
 
 
 def comparison_table(rows: list[dict]) -> str:

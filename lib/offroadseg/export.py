@@ -1,31 +1,32 @@
-"""The student as a deployable file: ONNX export, a parity check against PyTorch, INT8.
+"""The student as a deployable file: ONNX export, onnxruntime sessions, a parity check against PyTorch.
 
     path = export_onnx(model, "outputs/<run>/exports/student.onnx", input_size=(180, 320))
     parity = onnx_parity(model, path, val_loader, max_batches=8)
-    int8 = quantize_int8(path, "outputs/<run>/exports/student.int8.onnx", calibration_batches,
-                         eval_batches=val_loader)
     onnx_latency(path, (180, 320))  # {"median_ms", "p90_ms", "runs", "threads"}
+
+INT8 quantisation of such a file is `offroadseg.quantize.quantize_int8`.
 
 The ONNX graph takes "image" (N, 3, H, W), normalised like the PyTorch model's
 input (`offroadseg.augment`), and returns "logits" (N, 10, H, W). Batch,
 height and width are all dynamic: one file serves any batch size and input
 size the model itself accepts.
 
-Exporter (`exporter=`), measured with torch 2.14 / onnxscript 0.7 / onnxruntime
-1.32 on segformer-b0 and deeplabv3plus-resnet18:
+Exporter (`exporter=`), chosen from measurements with torch 2.14 / onnxscript 0.7 /
+onnxruntime 1.32 on segformer-b0 and deeplabv3plus-resnet18 (the figures are in
+bench/RESULTS.md, "Figures moved from docstrings"):
 
 - "torchscript" (`torch.onnx.export(..., dynamo=False)`), the default: exports
-  either model in about a second, with dynamic batch, height and width,
-  opset 17, one self-contained file; onnxruntime reproduces the logits to
-  ~1e-7. Its trace warnings concern Python-level checks that are constant for
+  either model quickly, with dynamic batch, height and width, opset 17, one
+  self-contained file; onnxruntime reproduces the logits to float rounding. Its
+  trace warnings concern Python-level checks that are constant for
   every input the models accept (our forward's "are the logits already at the
   input size?", which is never true because both decoders work at stride 4,
   and transformers' `is_causal = q_length > 1`, never causal for an encoder),
   so they are silenced. The TorchScript exporter is deprecated since torch 2.9
   but present in every release we support (2.11 and later so far).
-- "dynamo" (`torch.export`-based): also exact, but about 10x slower to export
-  SegFormer (12-15 s against ~1 s for segformer-b0 on 2 CPU cores), needs
-  opset 18 (onnx's version converter fails to take DeepLab's graph down to 17),
+- "dynamo" (`torch.export`-based): also exact, but an order of magnitude slower to
+  export SegFormer, needs opset 18 (onnx's version converter fails to take DeepLab's
+  graph down to 17),
   and `torch.export` turns a dimension whose example size is 1 into a constant,
   so the example batch here is 2. Use it if a future torch drops the
   TorchScript exporter. It needs torch 2.11 or newer (`DYNAMO_MIN_TORCH`, the
@@ -34,40 +35,12 @@ Exporter (`exporter=`), measured with torch 2.14 / onnxscript 0.7 / onnxruntime
   width)") and the fallback's graph fails to serialise (onnxscript 0.2/0.3), so
   an older torch gets a clear error up front instead.
 
-INT8 (`quantize_int8`): static quantisation in QDQ format, per-channel
-weights, activation ranges calibrated (min/max) on a few real batches, after
-`quant_pre_process` (symbolic shape inference and graph clean-up, which the
-quantiser needs to see every tensor's shape). Choices, measured on this
-project's 2-core Xeon (AVX-512 VNNI), one thread, 180x320:
-
-- U8S8 (unsigned 8-bit activations, signed weights), x86's int8 fast path:
-  S8S8, onnxruntime's generic default, ran ~30% slower than U8S8 on segformer-b0
-  for the same accuracy. (On x86 CPUs without VNNI, U8S8 can saturate; try
-  onnxruntime's `reduce_range` if INT8 accuracy drops there.)
-- Every operator kind onnxruntime can quantise (`op_types=None`), not just
-  Conv and MatMul: with LayerNormalization and the reshapes quantised too,
-  tensors stay int8 between layers instead of bouncing through fp32, and
-  segformer-b0 ran ~20% faster than with Conv+MatMul only, for 0.3 points less
-  fp32/INT8 argmax agreement (99.6% against 99.9% on a briefly trained model)
-  and no mIoU change.
-- What INT8 buys (median, batch 1): deeplabv3plus-resnet18 85 -> 27 ms (3x);
-  segformer-b0 only 33 -> 29 ms, as much of its time goes to normalisation,
-  softmax and reshapes, which onnxruntime computes in fp32 either way. Both
-  files shrink about 4x.
-- Dynamic quantisation (weights only, activations quantised at run time) is
-  the fallback when static quantisation fails, recorded as such in the report.
-  Expect it to be *slower* than fp32 for convolutional models: onnxruntime runs
-  dynamically quantised convolutions as ConvInteger, which has no fast CPU
-  kernel (segformer-b0: ~3x the fp32 time here).
-
 Timing here is per ONNX session only (`onnx_latency`); timing of arbitrary
 callables lives in `offroadseg.benchmark`.
 """
-
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import tempfile
@@ -81,7 +54,7 @@ import torch
 from torch import nn
 
 from .classes import NUM_CLASSES
-from .ensemble import inference_autocast, model_device
+from .device import inference_autocast, model_device
 from .metrics import confusion_matrix, scores
 from .modelinfo import inference_info, onnx_info, set_onnx_info
 
@@ -247,7 +220,7 @@ class OnnxModel:
     """An ONNX export as a predictor: normalised float batch (N, 3, H, W) -> logits (N, C, H, W), fp32
     torch tensors on the CPU, so `evaluate.predict_labels` and TTA use it as they use a module.
 
-    `device` is where its inputs are expected (`ensemble.model_device`): the CPU, whichever provider
+    `device` is where its inputs are expected (`device.model_device`): the CPU, whichever provider
     runs the graph (onnxruntime copies to the GPU itself). `info` is the file's inference record
     (None for an export that predates it); `providers` the session's.
     """
@@ -269,7 +242,8 @@ class OnnxModel:
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
-def _session_logits(session) -> Callable[[torch.Tensor], np.ndarray]:
+def session_logits(session) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function from a normalised float batch to `session`'s logits (numpy), for `compare_logits`."""
     name = session.get_inputs()[0].name
 
     def logits(images: torch.Tensor) -> np.ndarray:
@@ -327,7 +301,7 @@ def tf32_off():
         torch.backends.cudnn.allow_tf32 = cudnn
 
 
-def _images_and_masks(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def images_and_masks(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images, masks or None) from a loader item: (images, masks, ...) or a bare image batch."""
     if isinstance(batch, (tuple, list)):
         images, masks = batch[0], (batch[1] if len(batch) > 1 else None)
@@ -340,7 +314,7 @@ def _images_and_masks(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return images, (None if masks is None else torch.as_tensor(masks))
 
 
-def _compare(
+def compare_logits(
     reference: Callable[[torch.Tensor], np.ndarray],
     candidate: Callable[[torch.Tensor], np.ndarray],
     batches: Iterable,
@@ -353,7 +327,7 @@ def _compare(
     for batch in batches:
         if max_batches is not None and batches_seen >= max_batches:
             break
-        images, masks = _images_and_masks(batch)
+        images, masks = images_and_masks(batch)
         ref, cand = reference(images), candidate(images)
         if ref.shape != cand.shape:
             raise ValueError(f"logit shapes differ: {ref.shape} against {cand.shape}")
@@ -396,7 +370,7 @@ def onnx_parity(
 ) -> dict:
     """Compare PyTorch and onnxruntime (CPU) on the same batches.
 
-    PyTorch runs through the one precision rule, `ensemble.inference_autocast`, asked for the
+    PyTorch runs through the one precision rule, `device.inference_autocast`, asked for the
     export's precision ("fp32": the ONNX graph is fp32, and bf16 against it would measure bf16),
     in eval mode under inference_mode, with TF32 matmuls and convolutions off for the call
     (settings restored after): the report measures the export, not TF32's rounding on a GPU.
@@ -418,7 +392,7 @@ def onnx_parity(
 
     try:
         with tf32_off():
-            report = _compare(torch_logits, _session_logits(session), batches, max_batches, num_classes)
+            report = compare_logits(torch_logits, session_logits(session), batches, max_batches, num_classes)
     finally:
         model.train(was_training)
     torch_miou, onnx_miou = report.pop("reference_miou"), report.pop("candidate_miou")
@@ -428,199 +402,3 @@ def onnx_parity(
         miou_diff=None if torch_miou is None else onnx_miou - torch_miou,
     )
     return report
-
-
-# ----------------------------------------------------------------------------- INT8
-
-
-def _calibration_reader(input_name: str, arrays: list[np.ndarray]):
-    """An onnxruntime CalibrationDataReader feeding `arrays` one batch at a time."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class BatchReader(CalibrationDataReader):
-        def __init__(self):
-            self.position = 0
-
-        def get_next(self) -> dict | None:
-            if self.position >= len(arrays):
-                return None
-            self.position += 1
-            return {input_name: arrays[self.position - 1]}
-
-        def rewind(self) -> None:
-            self.position = 0
-
-    return BatchReader()
-
-
-def _quantize_static(source: Path, target: Path, arrays: list[np.ndarray], input_name: str,
-                     per_channel: bool, op_types) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    quantize_static(
-        str(source),
-        str(target),
-        _calibration_reader(input_name, arrays),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(op_types) if op_types else None,
-        per_channel=per_channel,
-        # U8S8: unsigned activations, signed weights, x86's int8 fast path (VPDPBUSD with
-        # VNNI, VPMADDUBSW without); S8S8 ran ~30% slower than U8S8 here (see module docstring).
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-
-
-def _quantize_dynamic(source: Path, target: Path, per_channel: bool, op_types) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(source),
-        str(target),
-        op_types_to_quantize=list(op_types) if op_types else None,
-        per_channel=per_channel,
-        weight_type=QuantType.QInt8,
-    )
-
-
-class _PerTensorFallbackFilter(logging.Filter):
-    """Drops onnxruntime's per-layer note that a 1-D weight (a LayerNorm's) is quantised per tensor.
-
-    Per-channel quantisation has no channel axis for 1-D weights, so per tensor is
-    the only choice; onnxruntime logs it once per LayerNorm (30 lines for a SegFormer-B0).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "is out-of-range for weight" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_per_tensor_fallback():
-    root = logging.getLogger()  # onnxruntime.quantization logs through the root logger
-    quiet = _PerTensorFallbackFilter()
-    root.addFilter(quiet)
-    try:
-        yield
-    finally:
-        root.removeFilter(quiet)
-
-
-def _preprocess(source: Path, target: Path) -> bool:
-    """quant_pre_process(source -> target); False (with a warning) when it fails."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        quant_pre_process(str(source), str(target))
-        return True
-    except Exception as error:  # the quantiser can still work on the raw export
-        warnings.warn(f"quant_pre_process failed ({type(error).__name__}: {error}); quantising the export as is", stacklevel=2)
-        return False
-
-
-def _copy_inference_info(source: Path, target: Path) -> None:
-    """The fp32 export's inference record into the INT8 file (the quantiser keeps no metadata)."""
-    import onnx
-
-    info = onnx_info(onnx.load(str(source), load_external_data=False), str(source))
-    if info is not None:
-        model = onnx.load(str(target))
-        set_onnx_info(model, info)
-        onnx.save(model, str(target))
-
-
-def quantize_int8(
-    onnx_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    calibration_batches: Iterable,
-    eval_batches: Iterable | None = None,
-    mode: str = "static",
-    per_channel: bool = True,
-    op_types: tuple[str, ...] | None = None,
-    max_calibration_batches: int | None = 8,
-    latency_runs: int = 30,
-    threads: int | None = None,
-    num_classes: int = NUM_CLASSES,
-) -> dict:
-    """Quantise an fp32 ONNX model to INT8 at `out_path` (atomically) and report on it.
-
-    `calibration_batches` (images, masks) or bare image batches, the first
-    `max_calibration_batches` of them, set the activation ranges (static mode);
-    `eval_batches` (default: the calibration batches, an optimistic choice:
-    pass held-out ones) give the mIoU of fp32 and INT8. `mode` "static" (QDQ,
-    see the module docstring) falls back to "dynamic" when it raises; "dynamic"
-    asks for dynamic directly. `op_types` limits the quantised operator kinds
-    (e.g. ("Conv", "MatMul")); None, the default, quantises every kind
-    onnxruntime can (see the module docstring for why).
-    `latency_runs=0` skips timing.
-
-    Returns {"path", "mode", "fallback_reason", "per_channel", "op_types",
-    "preprocessed", "calibration_batches", "fp32_bytes", "int8_bytes",
-    "fp32_miou", "int8_miou", "miou_change" (int8 - fp32),
-    "max_abs_logit_diff", "argmax_agreement", "evaluated_on", "input_size",
-    "fp32_latency", "int8_latency" ({"median_ms", "p90_ms", ...} or None)}.
-    """
-    if mode not in ("static", "dynamic"):
-        raise ValueError(f"mode must be 'static' or 'dynamic', not {mode!r}")
-    onnx_path, out_path = Path(onnx_path), Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fp32 = onnx_session(onnx_path, threads)
-    input_name = fp32.get_inputs()[0].name
-    calibration = []
-    for batch in calibration_batches:
-        if max_calibration_batches is not None and len(calibration) >= max_calibration_batches:
-            break
-        calibration.append(_images_and_masks(batch))
-    if not calibration:
-        raise ValueError("no calibration batches")
-    arrays = [images.cpu().numpy() for images, _ in calibration]
-
-    fallback_reason = None
-    # Work files live beside the output, so the final rename stays on one filesystem.
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as work:
-        work = Path(work)
-        source = work / "preprocessed.onnx"
-        preprocessed = _preprocess(onnx_path, source)
-        if not preprocessed:
-            source = onnx_path
-        quantized = work / "int8.onnx"
-        if mode == "static":
-            try:
-                with _quiet_per_tensor_fallback():
-                    _quantize_static(source, quantized, arrays, input_name, per_channel, op_types)
-            except Exception as error:
-                fallback_reason = f"static quantisation failed: {type(error).__name__}: {error}"
-                warnings.warn(fallback_reason + "; falling back to dynamic quantisation", stacklevel=2)
-                mode = "dynamic"
-        if mode == "dynamic":
-            _quantize_dynamic(source, quantized, per_channel, op_types)
-        _copy_inference_info(onnx_path, quantized)
-        _fsync(quantized)
-        os.replace(quantized, out_path)
-
-    int8 = onnx_session(out_path, threads)
-    evaluated_on = "calibration batches" if eval_batches is None else "eval batches"
-    comparison = _compare(_session_logits(fp32), _session_logits(int8),
-                          calibration if eval_batches is None else eval_batches, None, num_classes)
-    fp32_miou, int8_miou = comparison["reference_miou"], comparison["candidate_miou"]
-    input_size = tuple(int(s) for s in arrays[0].shape[-2:])
-    timed = latency_runs > 0
-    return {
-        "path": str(out_path),
-        "mode": mode,
-        "fallback_reason": fallback_reason,
-        "per_channel": per_channel,
-        "op_types": list(op_types) if op_types else None,
-        "preprocessed": preprocessed,
-        "calibration_batches": len(arrays) if mode == "static" else 0,  # dynamic mode calibrates nothing
-        "fp32_bytes": onnx_path.stat().st_size,
-        "int8_bytes": out_path.stat().st_size,
-        "fp32_miou": fp32_miou,
-        "int8_miou": int8_miou,
-        "miou_change": None if fp32_miou is None else int8_miou - fp32_miou,
-        "max_abs_logit_diff": comparison["max_abs_logit_diff"],
-        "argmax_agreement": comparison["argmax_agreement"],
-        "evaluated_on": evaluated_on,
-        "input_size": list(input_size),
-        "fp32_latency": onnx_latency(onnx_path, input_size, runs=latency_runs, session=fp32) if timed else None,
-        "int8_latency": onnx_latency(out_path, input_size, runs=latency_runs, session=int8) if timed else None,
-    }

@@ -126,7 +126,7 @@ def parse_tta(text: str, recorded) -> tuple[str, ...]:
 def resolve_device(name: str):
     import torch
 
-    from .ensemble import default_device  # the one "GPU when there is one" rule
+    from .device import default_device  # the one "GPU when there is one" rule
 
     if name == "auto":
         return default_device()

@@ -235,8 +235,8 @@ def distillation_cost(ctx, scan: dict, plan: ModelPlan, batch_size: int, **loss_
     """
     from torch.utils.data import DataLoader
 
+    from .device import default_device
     from .distill import cost_split
-    from .ensemble import default_device
 
     model, distiller = distillation_setup(ctx, scan, plan, **loss_settings)
     train_set, _ = datasets(scan, ctx.profile.image_size)

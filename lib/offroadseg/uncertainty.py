@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .classes import CLASS_NAMES
-from .ensemble import on_device
+from .device import on_device
 from .evaluate import predict_labels
 from .files import write_bytes
 
@@ -174,25 +174,6 @@ def write_ranking_csv(rows: list[dict], path: str | os.PathLike) -> None:
             *(repr(float(row["class_share"][name])) for name in class_names),
         ])
     write_bytes(path, text.getvalue().encode("utf-8"))
-
-
-def read_ranking_csv(path: str | os.PathLike) -> list[dict]:
-    """Rows as `rank_by_uncertainty` returns them, from a file `write_ranking_csv` wrote."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        records = list(csv.DictReader(handle))
-    return [
-        {
-            "rank": int(record["rank"]),
-            "index": int(record["index"]),
-            "stem": record["stem"],
-            "image": record["image"] or None,
-            "measure": record["measure"],
-            "score": float(record["score"]),
-            "uncertain_class": record["uncertain_class"],
-            "class_share": {k[len(SHARE_PREFIX):]: float(v) for k, v in record.items() if k.startswith(SHARE_PREFIX)},
-        }
-        for record in records
-    ]
 
 
 # ----------------------------------------------------------------------------- figure
