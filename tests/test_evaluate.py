@@ -154,9 +154,25 @@ def test_choose_tta_prefers_the_set_that_scores_best():
     assert scores[("v",)] < 0.5  # the v view cancels the plain one and the tie falls to class 0
 
 
+def hand_validation(model, loader, loss_fn):
+    """Training's validation written out plainly (what engine.evaluate computed before it called
+    the scorer): the mean over images of the finite batch losses, one confusion matrix, its scores."""
+    cm = torch.zeros(10, 10, dtype=torch.int64)
+    loss_sum = images = 0.0
+    with torch.inference_mode():
+        model.eval()
+        for x, y in loader:
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            if torch.isfinite(loss):
+                loss_sum, images = loss_sum + float(loss.double()) * len(x), images + len(x)
+            cm += confusion_matrix(logits.argmax(1), y)
+    return {**scores(cm), "loss": loss_sum / images, "confusion_matrix": cm.tolist()}
+
+
 def test_evaluate_model_with_a_loss_gives_what_training_validation_gives():
-    # What engine.evaluate (fit's validation) computes today, through the scorer's hooks: the same
-    # loss, confusion matrix and scores, so fit can call evaluate_model instead.
+    # fit's validation (engine.evaluate) is the scorer with training's hooks: the same loss,
+    # confusion matrix and scores as the plain loop, and the hooks do what they say.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 10, 1))
     model.train()
@@ -173,16 +189,21 @@ def test_evaluate_model_with_a_loss_gives_what_training_validation_gives():
     ours = evaluate.evaluate_model(model, loader, device=accelerator.device, loss_fn=loss_fn, reduce=reduce,
                                    autocast=accelerator.autocast)
     assert model.training  # put back as it came
-    theirs = engine.evaluate(model, loader, loss_fn, accelerator)
-    assert math.isfinite(ours["loss"]) and ours["loss"] == theirs["loss"]
-    assert ours["confusion_matrix"] == theirs["confusion_matrix"].tolist()
-    assert ours["miou"] == theirs["miou"] and ours["pixel_acc"] == theirs["pixel_acc"]
-    np.testing.assert_equal(ours["iou"], theirs["iou"])  # NaN where a class is absent, in both
+    expected = hand_validation(model, loader, loss_fn)
+    model.train()
+    training = engine.evaluate(model, loader, loss_fn, accelerator)
+    assert not model.training  # fit's validation leaves the model in eval mode, as fit hands it back
+    for result in (ours, training):
+        assert math.isfinite(result["loss"]) and result["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+        assert result["confusion_matrix"] == expected["confusion_matrix"]
+        assert result["miou"] == expected["miou"] and result["pixel_acc"] == expected["pixel_acc"]
+        np.testing.assert_equal(result["iou"], expected["iou"])  # NaN where a class is absent, in both
     assert sorted(reduced) == [(), (2,), (10, 10)] and ours["images"] == 8
 
     # Two processes with equal shares: sums double, scores and the mean loss stay.
     doubled = evaluate.evaluate_model(model, loader, device="cpu", loss_fn=loss_fn, reduce=lambda t: 2 * t)
-    assert doubled["images"] == 16 and doubled["confusion_matrix"] == (2 * theirs["confusion_matrix"]).tolist()
+    assert doubled["images"] == 16
+    assert doubled["confusion_matrix"] == [[2 * v for v in row] for row in expected["confusion_matrix"]]
     assert doubled["miou"] == pytest.approx(ours["miou"]) and doubled["loss"] == pytest.approx(ours["loss"])
     assert math.isnan(evaluate.evaluate_model(model, loader[-1:], device="cpu", loss_fn=loss_fn)["loss"])
     assert "loss" not in evaluate.evaluate_model(model, loader, device="cpu")

@@ -15,6 +15,7 @@ whatever the number of processes.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,9 +33,9 @@ from tqdm import tqdm
 from . import checkpoints
 from .classes import NUM_CLASSES
 from .device import resolve_precision
+from .evaluate import evaluate_model
 from .files import write_json
 from .losses import cross_entropy
-from .metrics import confusion_matrix, scores
 from .pruning import prune_decoder, remove_pruning
 from .sampling import Loaders, make_loaders, seed_epoch
 from .train_step import SkippedSteps, StepStats, guarded_step, out_of_memory_advice, trial_line
@@ -409,33 +410,19 @@ def _finish(trainer: _Trainer, cudnn_benchmark: bool) -> None:
 # ---------------------------------------------------------------------------- validation
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn, accelerator: Accelerator,
              num_classes: int = NUM_CLASSES) -> dict:
-    """Val loss and scores over all processes' shares of `loader` (confusion matrices summed).
+    """Val loss and scores over all processes' shares of `loader`: the one scorer
+    (`evaluate.evaluate_model`) with training's hooks (the loss, accelerate's autocast, and the
+    confusion matrices and loss sums summed over processes).
 
     `model` is the unwrapped module: no DDP collectives inside the forward, so processes may
-    hold different numbers of val batches.
+    hold different numbers of val batches. It is left in eval mode.
     """
-    model.eval()
-    device = accelerator.device
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image losses, images
-    for images, masks in loader:
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        with accelerator.autocast():
-            logits = model(images)
-        loss = loss_fn(logits.float(), masks)
-        if torch.isfinite(loss):  # a batch of only ignore pixels has no loss
-            loss_sum += torch.stack([loss.double() * len(images), loss_sum.new_tensor(len(images))])
-        cm += confusion_matrix(logits.argmax(1), masks, num_classes=num_classes)
-    cm = accelerator.reduce(cm, reduction="sum")
-    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-    result = scores(cm)
-    result["loss"] = (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else math.nan
-    result["confusion_matrix"] = cm.cpu()
-    return result
+    model.eval()  # the scorer puts the model back in the mode it found it in: eval, as fit hands it back
+    return evaluate_model(model, loader, accelerator.device, num_classes, loss_fn=loss_fn,
+                          reduce=functools.partial(accelerator.reduce, reduction="sum"),
+                          autocast=accelerator.autocast)
 
 
 def launch(fn: Callable, args: tuple = (), num_processes: int | None = None):
