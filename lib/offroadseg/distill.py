@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .benchmark import time_fn
 from .classes import IGNORE_INDEX
 from .device import inference_autocast
 from .ensemble import Ensemble
@@ -361,8 +362,6 @@ def cost_split(distiller: Distiller, model: nn.Module, images: torch.Tensor, mas
     afterwards its gradients are cleared and its buffers (BatchNorm
     statistics) and mode restored, so measuring does not change the model.
     """
-    from .benchmark import time_fn
-
     device = images.device
     masks = masks.to(device)
     model.to(device)

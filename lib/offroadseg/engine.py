@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, notebook_launcher
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
@@ -447,7 +447,6 @@ def launch(fn: Callable, args: tuple = (), num_processes: int | None = None):
                 f"this one used the GPU), and the launcher's forked processes cannot use it; restart the kernel and "
                 f"run the cells in order (training before any cell that uses the GPU), or set num_processes=1"
             )
-        from accelerate import notebook_launcher
 
         notebook_launcher(fn, args, num_processes=num_processes)
         return None

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import load_model
 from .classes import NUM_CLASSES
 from .device import default_device, inference_autocast, on_device
 from .metrics import confusion_matrix, scores
@@ -114,8 +115,6 @@ class Ensemble(nn.Module):
     def from_checkpoints(cls, paths: Iterable, weights: Sequence[float] | None = None,
                          map_location="cpu") -> "Ensemble":
         """An ensemble of the models saved by `engine.fit` (best.pt files)."""
-        from .checkpoints import load_model
-
         return cls([load_model(path, map_location) for path in paths], weights)
 
     def train(self, mode: bool = True) -> "Ensemble":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -28,10 +29,11 @@ import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
-from .data import DataError, read_image, write_image, write_raw_mask
+from .data import DataError, read_image, read_mask, write_image, write_raw_mask
 from .device import default_device, inference_autocast, model_device, on_device, synchronize
 from .ensemble import TestTimeAugmentation, upsampled_argmax
 from .files import write_json
@@ -243,7 +245,7 @@ def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequen
 def write_prediction(out_dir, stem: str, labels: np.ndarray, image: np.ndarray | None = None) -> Path:
     """raw/<stem>.png (raw IDs, 16-bit, the masks' own format) and, given the image, color/<stem>.png
     (overlay), both atomically, in `out_dir`; returns the raw path."""
-    from .plots import overlay  # here, not at the top: plots imports pyplot, a second of the CLI's start-up
+    from .plots import overlay  # noqa: PLC0415 (plots imports pyplot: a second of predict's start-up)
 
     out_dir = Path(out_dir)
     raw_path = out_dir / "raw" / f"{stem}.png"
@@ -269,10 +271,6 @@ def predict_files(predictor, paths: Sequence, out_dir, input_size, batch_size: i
     model, upsample_argmax, encode (overlay + PNGs; overlapping the others when in the background)},
     "class_pixels" (int64 per class)}.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
@@ -405,8 +403,6 @@ def comparison_table(rows: list[dict]) -> str:
 
 def prediction_is_valid(path) -> bool:
     """True when a written prediction reopens with read_mask to valid class indices only."""
-    from .data import read_mask
-
     mask = read_mask(path)
     return bool((mask < NUM_CLASSES).all())
 
@@ -416,8 +412,6 @@ def per_image_results(predictor, dataset, device=None, progress: bool = False) -
 
     Rows: {"index", "stem", "miou", "prediction" (uint8 class map at the mask's size)}.
     """
-    from tqdm.auto import tqdm
-
     rows = []
     with on_device(predictor, default_device(device)):
         for index in tqdm(range(len(dataset)), desc="per-image", disable=not progress):
@@ -431,8 +425,6 @@ def per_image_results(predictor, dataset, device=None, progress: bool = False) -
 
 def best_and_worst_rows(rows: list[dict], dataset, count: int = 2) -> list[tuple]:
     """(image, truth, prediction, caption) rows of the `count` best and worst images, for plots.prediction_grid."""
-    from .data import read_mask
-
     chosen = [("best", r) for r in rows[:count]] + [("worst", r) for r in rows[-count:][::-1]]
     out = []
     for label, row in chosen:

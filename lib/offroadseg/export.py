@@ -50,8 +50,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
+from torch.export import Dim
 
 from .classes import NUM_CLASSES
 from .device import inference_autocast, model_device
@@ -102,7 +105,6 @@ def export_onnx(
             f"{torch.__version__}, whose torch.export cannot keep height and width dynamic for these models. "
             "Use exporter='torchscript' (the default) or upgrade torch."
         )
-    import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,8 +160,6 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, opse
 
 
 def _export_dynamo(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
-    from torch.export import Dim
-
     low, high = DYNAMO_SIZE_RANGE
     shapes = ({0: Dim("batch", min=1, max=1024), 2: Dim("height", min=low, max=high), 3: Dim("width", min=low, max=high)},)
     torch.onnx.export(
@@ -192,8 +192,6 @@ def _fsync(path: str | os.PathLike) -> None:
 def onnx_providers(device: str = "cpu") -> list[str]:
     """onnxruntime execution providers for `device`: "cpu"; "cuda" (an error naming what is missing
     when onnxruntime has no CUDA provider); "auto": CUDA when onnxruntime offers it, else the CPU."""
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -208,8 +206,6 @@ def onnx_providers(device: str = "cpu") -> list[str]:
 def onnx_session(onnx_path: str | os.PathLike, threads: int | None = None, device: str = "cpu"):
     """An onnxruntime session (CPU unless `device` is "cuda"/"auto", see `onnx_providers`);
     `threads` sets the intra-op thread count (None: all cores)."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -229,8 +225,6 @@ class OnnxModel:
     device = torch.device("cpu")
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
-        import onnx
-
         self.path = Path(path)
         self.session = onnx_session(self.path, threads, device)
         self.input_name = self.session.get_inputs()[0].name

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from .classes import IGNORE_INDEX, NUM_CLASSES
+from .classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 
 def confusion_matrix(pred, target, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -90,7 +90,5 @@ def scores(cm) -> dict:
 
 def per_class(values, names=None) -> dict:
     """{class name: value} for a per-class list (for JSON and tables)."""
-    from .classes import CLASS_NAMES
-
     names = names or CLASS_NAMES
     return {name: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for name, v in zip(names, values)}

@@ -27,7 +27,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import onnx
+
 from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .checkpoints import load_checkpoint
 from .classes import CLASS_NAMES, COLORS, RAW_IDS
 
 INFO_FORMAT = 1
@@ -90,10 +93,7 @@ def read_inference_info(source) -> dict | None:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.suffix.lower() == ".onnx":
-            import onnx
-
             return onnx_info(onnx.load(str(path), load_external_data=False), str(path))
-        from .checkpoints import load_checkpoint  # imports torch and the models: only when a checkpoint is read
 
         info = load_checkpoint(path).get(CHECKPOINT_KEY)
         return None if info is None else validate(dict(info), str(path))

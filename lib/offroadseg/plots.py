@@ -12,6 +12,7 @@ import os
 # No backend is forced: Jupyter kernels use inline, and headless runs fall back to Agg by themselves.
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from .classes import CLASS_NAMES, IGNORE_INDEX, PALETTE
 from .files import write_bytes
@@ -72,8 +73,6 @@ def class_presence(scan: dict, split: str = "train"):
 
 
 def legend_handles():
-    from matplotlib.patches import Patch
-
     return [Patch(facecolor=PALETTE[i] / 255.0, edgecolor="black", label=name) for i, name in enumerate(CLASS_NAMES)]
 
 

@@ -110,7 +110,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_tta(text: str, recorded) -> tuple[str, ...]:
     """"auto": the flips the model file records; "none"; or a comma list of h, v, hv."""
-    from .ensemble import FLIPS
+    from .ensemble import FLIPS  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
 
     if text == "auto":
         return tuple(recorded or ())
@@ -124,9 +124,9 @@ def parse_tta(text: str, recorded) -> tuple[str, ...]:
 
 
 def resolve_device(name: str):
-    import torch
+    import torch  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
 
-    from .device import default_device  # the one "GPU when there is one" rule
+    from .device import default_device  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
 
     if name == "auto":
         return default_device()
@@ -141,12 +141,12 @@ def resolve_device(name: str):
 
 def load_predictor(model_path: Path, device_name: str, input_size=None):
     """(predictor, inference record, description) for a checkpoint or an ONNX file."""
-    from . import modelinfo
+    from . import modelinfo  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
 
     if not model_path.is_file():
         raise UsageError(f"MODEL {model_path}: no such file (a models/<name>/best.pt checkpoint or an .onnx export)")
     if model_path.suffix.lower() == ".onnx":
-        from .export import OnnxModel
+        from .export import OnnxModel  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
 
         try:
             providers = {"cpu": "cpu", "auto": "auto"}.get(device_name, "cuda")
@@ -159,7 +159,7 @@ def load_predictor(model_path: Path, device_name: str, input_size=None):
             raise UsageError(f"MODEL {model_path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
         info, kind = predictor.info, f"ONNX ({', '.join(predictor.providers)})"
     elif zipfile.is_zipfile(model_path):
-        from .checkpoints import CheckpointError, load_checkpoint, load_model
+        from .checkpoints import CheckpointError, load_checkpoint, load_model  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
 
         device = resolve_device(device_name)
         try:
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from .evaluate import predict_files
+    from .evaluate import predict_files  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from .classes import CLASS_NAMES, COLORS, NUM_CLASSES, RAW_IDS
 from .data import SPLITS, DataError, Dataset, find_dataset, read_raw_mask, too_large, truncation
@@ -167,8 +168,6 @@ def _iter_jobs(dataset: Dataset):
 
 def scan_dataset(dataset: Dataset | str | os.PathLike, workers: int | None = None, progress: bool = True) -> dict:
     """Scan every pair of every split with all cores; returns the scan.json content."""
-    from tqdm.auto import tqdm
-
     if not isinstance(dataset, Dataset):
         dataset = find_dataset(dataset)
     started = time.perf_counter()

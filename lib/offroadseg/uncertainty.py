@@ -28,16 +28,20 @@ import io
 import math
 import os
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from .augment import denormalize
 from .classes import CLASS_NAMES
 from .device import on_device
 from .evaluate import predict_labels
 from .files import write_bytes
+from .plots import legend_handles, overlay
 
 MEASURES = ("entropy", "margin")
 # The CSV's fixed columns, then one "share:<class>" column per class.
@@ -136,8 +140,6 @@ def rank_by_uncertainty(
     pixel_uncertainty(torch.zeros(1, 2, 1, 1), measure)  # reject an unknown measure before any work
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if progress:
-        from tqdm.auto import tqdm
-
         loader = tqdm(loader, desc=f"uncertainty ({measure})", leave=False)
     rows = []
     with on_device(model, device):
@@ -185,11 +187,6 @@ def uncertainty_figure(rows: list[dict], dataset, model: nn.Module, top: int = 4
     The model is run again on each image (from `dataset` by the row's index, through
     `evaluate.predict_labels` as the ranking was), so the maps match the ranking's measure. Returns the Figure; save it with `plots.save`.
     """
-    import matplotlib.pyplot as plt
-
-    from .augment import denormalize
-    from .plots import legend_handles, overlay
-
     if not rows:
         raise ValueError("no rows to show")
     shown = rows[:top]

@@ -172,7 +172,7 @@ def _hash_prefix(file_name: str) -> str | None:
 def _download_segformer(entry: WeightsEntry, path: Path) -> None:
     # Saved as the hub has it: the MiT checkpoints are image classifiers (encoder + ImageNet head), of
     # which models.segformer._load_segformer takes the encoder and starts the decode head fresh.
-    import transformers  # heavy; only this command needs it here
+    import transformers  # noqa: PLC0415 (transformers takes seconds to import; only this download needs it)
 
     cls = getattr(transformers, segformer_hub_class(entry.source))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))

@@ -65,7 +65,7 @@ class SegFormer(SegmentationModel):
 
 
 def build_segformer(variant: str, num_classes: int, pretrained, options: dict) -> SegFormer:
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation  # noqa: PLC0415 (transformers takes seconds to import; only SegFormer needs it)
 
     size = SEGFORMER_SIZES[variant]
     defaults = {"drop_path": 0.1, "decoder_hidden_size": size["decoder_hidden_size"], "dropout": 0.1}
@@ -116,7 +116,7 @@ def segformer_hub_class(hub_id: str) -> str:
 def _from_pretrained_dtype() -> dict:
     """The keyword that makes from_pretrained load in fp32: `dtype` from transformers 5 on, `torch_dtype`
     before (5.x would keep a checkpoint's fp16; 4.x takes no `dtype`)."""
-    import transformers
+    import transformers  # noqa: PLC0415 (transformers takes seconds to import; only SegFormer needs it)
 
     major = int(transformers.__version__.split(".")[0])
     return {"dtype" if major >= 5 else "torch_dtype": torch.float32}
@@ -142,7 +142,7 @@ def _load_segformer(source: str, config, variant: str):
     download attempt without network retries for about a minute and a half
     before failing with a misleading "no file named ..." message.
     """
-    from transformers import SegformerForSemanticSegmentation
+    from transformers import SegformerForSemanticSegmentation  # noqa: PLC0415 (transformers takes seconds to import; only SegFormer needs it)
 
     def load(where, local_only):
         return SegformerForSemanticSegmentation.from_pretrained(
@@ -181,7 +181,7 @@ def _load_segformer(source: str, config, variant: str):
             if _hub_offline():
                 raise unavailable(what + ", not in the HF cache and HF_HUB_OFFLINE is set", cache_error) from cache_error
             try:
-                import huggingface_hub
+                import huggingface_hub  # noqa: PLC0415 (only when the hub is tried)
 
                 huggingface_hub.model_info(source, timeout=10)
                 hf_model, info = load(source, False)
