@@ -15,11 +15,13 @@ import torch
 from . import augment, weights
 from .data import SegmentationDataset
 from .decode_cache import cache_folder
-from .engine import TrainConfig, fit
+from .engine import TrainConfig, fit, load_model
+from .ensemble import Ensemble
 from .losses import SegmentationLoss
 from .modelinfo import inference_info
 from .models import build_model
 from .profiles import ModelPlan, Profile
+from .runs import ENSEMBLE_MEMBERS, ensemble_weights, read_ensemble
 from .scan import usable_pairs
 
 # Train images are cached a bit larger than the model input, so random crops keep detail.
@@ -155,10 +157,12 @@ def val_dataset(scan: dict, image_size: tuple[int, int], native_masks: bool = Fa
 
 def load_teachers(ctx) -> dict:
     """Both teachers' best checkpoints, in eval mode; a clear error naming the notebook to run when missing."""
-    from .engine import load_model
-    from .pipeline import require
+    return {role: load_model(ctx.run.require(f"models/{role}/best.pt")) for role in ENSEMBLE_MEMBERS}
 
-    return {role: load_model(require(ctx, f"models/{role}/best.pt")) for role in ("segformer", "deeplab")}
+
+def fuse(teachers: dict, record: dict) -> Ensemble:
+    """The teachers fused with the weights of an ensemble.json record (`runs.read_ensemble`)."""
+    return Ensemble([teachers[role] for role in ENSEMBLE_MEMBERS], ensemble_weights(record))
 
 
 def initial_student(ctx, plan: ModelPlan):
@@ -166,10 +170,7 @@ def initial_student(ctx, plan: ModelPlan):
     required), else `plan`'s model from its pretrained weights or from scratch."""
     if plan.init_from is None:
         return build_model(plan.name, pretrained=plan.pretrained, **plan.options)
-    from .engine import load_model
-    from .pipeline import require
-
-    teacher = load_model(require(ctx, f"models/{plan.init_from}/best.pt"))
+    teacher = load_model(ctx.run.require(f"models/{plan.init_from}/best.pt"))
     wanted = build_model(plan.name, **plan.options).spec
     if teacher.spec != wanted:
         raise ValueError(f"init_from={plan.init_from!r}: that teacher is {teacher.spec}, the student plan is {wanted}; "
@@ -185,14 +186,9 @@ def distillation_setup(ctx, scan: dict, plan: ModelPlan, alpha: float = 0.5, tem
     the hard term is the teachers' loss (CE + Dice + focal with the scan's class weights).
     """
     from .distill import DistillationLoss, DistillationStudent, Distiller
-    from .ensemble import Ensemble
-    from .files import read_json
-    from .pipeline import require
 
-    members = read_json(require(ctx, "ensemble.json"))["members"]
-    teachers = load_teachers(ctx)
-    ensemble = Ensemble([teachers["segformer"], teachers["deeplab"]],
-                        [members["segformer"]["weight"], members["deeplab"]["weight"]])
+    record = read_ensemble(ctx.run)  # first: a run without it (or without the teachers too) is told to run 04
+    ensemble = fuse(load_teachers(ctx), record)
     student = initial_student(ctx, plan)
     model = DistillationStudent(student, ensemble, layers=(-2, -1) if beta > 0 else ())
     distiller = Distiller(ensemble, DistillationLoss(alpha=alpha, temperature=temperature, beta=beta,
@@ -209,10 +205,7 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     """
     torch.manual_seed(config.seed)  # the feature projections (and a student from scratch) start from the global RNG
     model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
-    from .files import read_json
-    from .pipeline import require
-
-    flips = read_json(require(ctx, "ensemble.json"))["tta"]["flips"]  # the flips notebook 04 chose on val
+    flips = read_ensemble(ctx.run)["tta"]["flips"]  # the flips notebook 04 chose on val
     on_device = augment_on_device()
     train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=cache_folder(ctx.run.dir), on_device=on_device)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
