@@ -2,27 +2,29 @@
 
 Everything here is assembly: usable pairs and weights from scan.json, the cached
 dataset and augmentation, the model from the profile's plan, the loss with the
-scan's class weights, and the shared engine (`offroadseg.engine.fit`).
+scan's class weights, and the shared engine (`offroadseg.engine.fit`); and the
+teachers' chapter of notebooks 02 and 03 (`teacher_chapter`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from . import augment, weights
+from . import augment, pipeline, plots, weights
 from .data import SegmentationDataset
 from .decode_cache import cache_folder
-from .engine import TrainConfig, fit, load_model
+from .engine import TrainConfig, fit, launch, load_model
 from .ensemble import Ensemble
+from .files import read_json
 from .losses import SegmentationLoss
 from .modelinfo import inference_info
-from .models import build_model
+from .models import build_model, count_parameters
 from .profiles import ModelPlan, Profile
 from .runs import ENSEMBLE_MEMBERS, ensemble_weights, read_ensemble
-from .scan import usable_pairs
+from .scan import read_scan, usable_pairs
 
 # Train images are cached a bit larger than the model input, so random crops keep detail.
 TRAIN_CACHE_SCALE = 1.5
@@ -233,3 +235,91 @@ def distillation_cost(ctx, scan: dict, plan: ModelPlan, batch_size: int, **loss_
     images, masks = next(iter(DataLoader(train_set, batch_size=batch_size, shuffle=False)))
     device = default_device()
     return cost_split(distiller, model, images.to(device), masks.to(device))
+
+
+# ------------------------------------------------------------------ the notebooks' chapters
+
+
+@dataclass
+class TeacherChapter:
+    """A teacher's chapter of notebooks 02 and 03: plan, training, curves, val predictions, checks.
+
+    Each method is one cell of the notebook and prints (or shows and saves under figures/) what
+    that cell shows; the notebooks keep their own narrative between the cells.
+    """
+
+    ctx: pipeline.Context
+    role: str  # segformer or deeplab: the models/<role>/ folder
+    title: str  # how the figures name the model ("SegFormer", "DeepLabV3+")
+    scan: dict
+    plan: ModelPlan
+    config: TrainConfig
+    history: list[dict] | None = None
+
+    @property
+    def model_dir(self):
+        return self.ctx.run.model_dir(self.role)
+
+    @property
+    def best(self) -> dict:
+        """The history row of the best val mIoU (the epoch best.pt holds)."""
+        if not self.history:
+            raise RuntimeError(f"{self.role}: no training history yet; run the training cell (train) first")
+        return max(self.history, key=lambda row: row["val_miou"])
+
+    def _figure(self, name: str):
+        return self.ctx.run.figure(f"{self.ctx.step[:2]}_{name}.png")  # 02_curves.png, 03_curves.png, ...
+
+    def describe(self) -> str:
+        """The model, its weights and the training settings, as the notebook states them before training."""
+        height, width = self.ctx.profile.image_size
+        return (f"model: {self.plan.name} {self.plan.options or ''}, pretrained: {self.plan.pretrained}\n"
+                f"input: {height}x{width}, epochs: {self.config.epochs}, batch: {self.config.batch_size}")
+
+    def train(self, num_processes: int | None = None) -> list[dict]:
+        """Train (or resume) on every GPU through `engine.launch`; the history is read back from
+        history.json, since under the launcher the training function's return value is dropped."""
+        launch(train_teacher, (self.ctx, self.role, self.scan, self.plan, self.config), num_processes)
+        self.history = read_json(self.model_dir / "history.json")
+        return self.history
+
+    def training_summary(self) -> str:
+        best, last = self.best, self.history[-1]
+        return (f"best val mIoU {best['val_miou']:.3f} at epoch {best['epoch']}; "
+                f"{sum(row['seconds'] for row in self.history):.0f} s, {last['images_per_s']:.1f} train images/s")
+
+    def plot_curves(self) -> None:
+        plots.save(plots.training_curves(self.history, self.title), self._figure("curves"))
+
+    def plot_per_class_curves(self) -> None:
+        plots.save(plots.per_class_iou_curves(self.history, f"{self.title}: per-class val IoU"),
+                   self._figure("per_class_iou"))
+
+    def iou_table(self) -> str:
+        """Per-class val IoU at the best epoch."""
+        return plots.iou_table(self.best["per_class_iou"])
+
+    def plot_val_predictions(self, count: int = 3) -> None:
+        """The best checkpoint's parameter count and its predictions on `count` val images."""
+        model = load_model(self.model_dir / "best.pt")
+        print(f"parameters: {count_parameters(model) / 1e6:.2f} M")
+        _, val_set = datasets(self.scan, self.ctx.profile.image_size, augmentation=False)
+        grid = plots.prediction_grid(sample_predictions(model, val_set, count=count), f"{self.title}: val predictions")
+        plots.save(grid, self._figure("val_predictions"))
+
+    def finish(self, min_demo_miou: float) -> None:
+        """The demo's quality floor (asserted on the demo desert only, see `pipeline.demo_check`), the
+        checkpoints written, and the notebook's end recorded in run.json."""
+        best = self.best
+        pipeline.demo_check(self.ctx, f"best val mIoU >= {min_demo_miou}", best["val_miou"] >= min_demo_miou,
+                            f"{best['val_miou']:.3f}")
+        print("checkpoints:", sorted(path.name for path in self.model_dir.glob("*.pt")))
+        pipeline.finish(self.ctx, best_val_miou=best["val_miou"], best_epoch=best["epoch"])
+
+
+def teacher_chapter(ctx, role: str, title: str, weights_dir=None, **overrides) -> TeacherChapter:
+    """The chapter of teacher `role` for the run of `ctx`: the scan of notebook 01, the profile's plan
+    with the notebook's overrides (`model_plan`: name, pretrained, epochs, batch_size, lr) and its
+    training settings."""
+    plan = model_plan(ctx.profile, role, weights_dir=weights_dir, **overrides)
+    return TeacherChapter(ctx, role, title, read_scan(ctx.run.scan), plan, train_config(ctx.profile, plan))
