@@ -1,12 +1,13 @@
-"""The notebooks' glue in offroadseg.training: the teachers' chapter of 02/03, and the run's models
-and their ensemble as 05 loads them."""
+"""The notebooks' glue in offroadseg.training: the teachers' chapter of 02/03, the run's models and
+their ensemble as 04-06 load them, and the scoring and comparison cells of 04-06."""
 
 import pytest
 import torch
 from helpers import make_small_dataset
 
-from offroadseg import pipeline, runs, training
+from offroadseg import benchmark, pipeline, runs, training
 from offroadseg.engine import save_checkpoint
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation, evaluate_model
 from offroadseg.files import read_json, write_json
 from offroadseg.models import build_model, count_parameters
 from offroadseg.profiles import DEMO
@@ -93,6 +94,32 @@ def test_the_teacher_chapter_needs_the_scan_of_notebook_01(project):
         training.teacher_chapter(ctx, "segformer", "SegFormer")
 
 
+def test_student_init_none_starts_the_student_afresh():
+    assert DEMO.student.init_from == "deeplab"  # the demo student starts from the DeepLab teacher
+    assert training.model_plan(DEMO, "student", init_from=None).init_from == "deeplab"  # None: the profile's
+    assert training.model_plan(DEMO, "student", init_from="segformer").init_from == "segformer"
+    assert training.model_plan(DEMO, "student", init_from="none").init_from is None
+
+
+def test_evaluation_models_are_the_runs_models_fused_as_notebook_04_chose(project):
+    ctx = start(project, "06_evaluate")
+    with pytest.raises(FileNotFoundError, match="04_ensemble"):
+        training.evaluation_models(ctx)
+    trained_run(ctx)
+    models = training.evaluation_models(ctx)
+    assert list(models) == ["segformer", "deeplab", "ensemble", "ensemble_tta", "student", "student_tta"]
+    ensemble, ensemble_tta = models["ensemble"], models["ensemble_tta"]
+    assert isinstance(ensemble, Ensemble) and ensemble.weights == pytest.approx([0.25, 0.75])
+    assert list(ensemble.members) == [models["segformer"], models["deeplab"]]
+    assert isinstance(ensemble_tta, TestTimeAugmentation) and ensemble_tta.model is ensemble
+    assert ensemble_tta.flips == ("h",) and ensemble_tta.scales is None
+    assert models["student_tta"].model is models["student"] and models["student_tta"].flips == ("h",)
+    assert not models["student"].training  # checkpoints load in eval mode
+    (ctx.run.model_dir("student") / "best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="05_distill"):
+        training.evaluation_models(ctx)
+
+
 def test_distillation_weighs_the_teachers_as_ensemble_json_says(project):
     ctx = start(project, "05_distill")
     trained_run(ctx)
@@ -102,3 +129,62 @@ def test_distillation_weighs_the_teachers_as_ensemble_json_says(project):
     assert distiller.teachers.weights == pytest.approx([0.25, 0.75])
     assert [m.spec for m in distiller.teachers.members] == [m.spec for m in training.load_teachers(ctx).values()]
     assert model.student.spec["name"] == TINY["name"]
+
+
+def loader_of(ctx, native: bool = False):
+    scan = read_json(ctx.run.scan)
+    return training.loader(training.val_dataset(scan, SIZE, native_masks=native), batch_size=2)
+
+
+def test_val_scores_are_the_val_part_of_ensemble_json(project, capsys):
+    ctx = start(project, "04_ensemble")
+    trained_run(ctx, with_ensemble=False)
+    teachers = training.load_teachers(ctx)
+    loader = loader_of(ctx)
+    results = training.val_scores({"deeplab": teachers["deeplab"], "ensemble": Ensemble(list(teachers.values()))},
+                                  loader, SIZE)
+    assert list(results) == ["deeplab", "ensemble"]
+    deeplab = results["deeplab"]
+    assert set(deeplab) == {"miou", "pixel_acc", "per_class_iou", "ms_per_image", "params"}
+    assert deeplab["miou"] == evaluate_model(teachers["deeplab"], loader)["miou"] and deeplab["ms_per_image"] > 0
+    assert results["ensemble"]["params"] == 2 * deeplab["params"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["deeplab", "ensemble"] and "ms/img" in lines[0]
+
+
+def test_compare_models_makes_the_metrics_rows_of_notebook_06(project, monkeypatch):
+    ctx = start(project, "06_evaluate")
+    trained_run(ctx)
+    models = training.evaluation_models(ctx)
+    models = {name: models[name] for name in ("deeplab", "student_tta")}
+    loader = loader_of(ctx, native=True)
+    timed = []
+    throughput = benchmark.throughput
+
+    def spy(model, **kwargs):
+        timed.append((kwargs["batch_sizes"], kwargs["runs"]))
+        return throughput(model, **kwargs)
+
+    monkeypatch.setattr(benchmark, "throughput", spy)
+    rows, results = training.compare_models(models, loader, [20, 30], device="cpu")
+    assert timed == [((1, 2), 2)] * 2  # the CPU's defaults (the demo's budget)
+    assert [row["model"] for row in rows] == ["deeplab", "student_tta"] and set(results) == set(models)
+    row = rows[0]
+    assert row["split"] == "val" and row["latency_ms"]["input_size"] == [20, 30] and row["latency_ms"]["device"] == "cpu"
+    assert row["miou"] == results["deeplab"]["miou"] == evaluate_model(models["deeplab"], loader)["miou"]
+    assert row["best_batch"] in (1, 2) and row["params"] == rows[1]["params"]
+    assert "confusion_matrix" in results["student_tta"]
+    timed.clear()
+    training.compare_models({"deeplab": models["deeplab"]}, loader, [20, 30], device="cpu", batch_sizes=[1], runs=1)
+    assert timed == [((1,), 1)]
+
+
+def test_the_student_is_judged_against_the_ensemble_of_notebook_04(project, monkeypatch):
+    ctx = start(project, "05_distill")
+    trained_run(ctx)
+    monkeypatch.setattr(benchmark, "latency", lambda model, input_size: {"median_ms": 12.0, "input_size": input_size})
+    student = build_model(TINY["name"], **TINY["options"])
+    outcome = training.student_against_ensemble(ctx, student, {"val_miou": 0.45})
+    assert outcome["retained"] == pytest.approx(0.9) and outcome["speedup"] == pytest.approx(2.5)
+    assert outcome["ensemble"]["miou"] == 0.5 and outcome["student"]["ms_per_image"] == 12.0
+    assert outcome["student"]["params"] == sum(p.numel() for p in student.parameters())

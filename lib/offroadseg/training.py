@@ -1,9 +1,10 @@
-"""Training a model of the pipeline from a run's scan: the glue notebooks 02, 03 and 05 call.
+"""Training a model of the pipeline from a run's scan, and the run's models: the glue the notebooks call.
 
 Everything here is assembly: usable pairs and weights from scan.json, the cached
 dataset and augmentation, the model from the profile's plan, the loss with the
-scan's class weights, and the shared engine (`offroadseg.engine.fit`); and the
-teachers' chapter of notebooks 02 and 03 (`teacher_chapter`).
+scan's class weights, and the shared engine (`offroadseg.engine.fit`); the teachers'
+chapter of notebooks 02 and 03 (`teacher_chapter`); the run's trained models and
+their ensemble as notebooks 04-06 load and score them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import augment, pipeline, plots, weights
+from . import augment, benchmark, pipeline, plots, weights
 from .data import SegmentationDataset
 from .decode_cache import cache_folder
 from .engine import TrainConfig, fit, launch, load_model
-from .ensemble import Ensemble
+from .ensemble import Ensemble, TestTimeAugmentation, default_device, evaluate_model
+from .evaluate import metrics_row
 from .files import read_json
 from .losses import SegmentationLoss
 from .modelinfo import inference_info
@@ -41,6 +43,8 @@ def model_plan(profile: Profile, role: str, weights_dir=None, **overrides) -> Mo
         raise ValueError(f"unknown role {role!r}: segformer, deeplab or student")
     plan = getattr(profile, role)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("init_from") == "none":  # None keeps the profile's choice; "none" says: start afresh
+        overrides["init_from"] = None
     unknown = set(overrides) - set(plan.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)} for {role}; valid: {sorted(plan.__dataclass_fields__)}")
@@ -165,6 +169,26 @@ def load_teachers(ctx) -> dict:
 def fuse(teachers: dict, record: dict) -> Ensemble:
     """The teachers fused with the weights of an ensemble.json record (`runs.read_ensemble`)."""
     return Ensemble([teachers[role] for role in ENSEMBLE_MEMBERS], ensemble_weights(record))
+
+
+def evaluation_models(ctx) -> dict:
+    """Every model of the run that notebook 06 compares, by the name its metrics.json row takes: both
+    teachers, their ensemble and the distilled student, each also with the TTA notebook 04 chose.
+
+    A clear error naming the notebook to run first when ensemble.json or a checkpoint is missing.
+    """
+    record = read_ensemble(ctx.run)
+    teachers = load_teachers(ctx)
+    student = load_model(ctx.run.require("models/student/best.pt"))
+    ensemble = fuse(teachers, record)
+    flips, scales = tuple(record["tta"]["flips"]), record["tta"]["scales"]
+    return {
+        **teachers,
+        "ensemble": ensemble,
+        "ensemble_tta": TestTimeAugmentation(ensemble, flips=flips, scales=scales),
+        "student": student,
+        "student_tta": TestTimeAugmentation(student, flips=flips, scales=scales),
+    }
 
 
 def initial_student(ctx, plan: ModelPlan):
@@ -323,3 +347,58 @@ def teacher_chapter(ctx, role: str, title: str, weights_dir=None, **overrides) -
     training settings."""
     plan = model_plan(ctx.profile, role, weights_dir=weights_dir, **overrides)
     return TeacherChapter(ctx, role, title, read_scan(ctx.run.scan), plan, train_config(ctx.profile, plan))
+
+
+# ------------------------------------------------- scoring the run's models (notebooks 04-06)
+
+
+def val_scores(predictors: dict, loader, input_size, progress: bool = True) -> dict:
+    """Val scores and cost of each predictor at the model input size, by name: miou, pixel_acc,
+    per_class_iou, ms_per_image (median latency at batch 1) and params; the `val` part of
+    ensemble.json (notebook 04). `progress` prints one line per predictor as it is measured."""
+    results = {}
+    for name, predictor in predictors.items():
+        result = evaluate_model(predictor, loader)
+        timing = benchmark.latency(predictor, input_size=input_size)
+        params = count_parameters(predictor)
+        results[name] = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "per_class_iou": result["per_class_iou"],
+                         "ms_per_image": timing["median_ms"], "params": params}
+        if progress:
+            print(f"{name:<13} mIoU {result['miou']:.3f}  pixel acc {result['pixel_acc']:.3f}  "
+                  f"{timing['median_ms']:7.1f} ms/img  {params / 1e6:5.2f} M params")
+    return results
+
+
+def compare_models(models: dict, loader, latency_input, device=None, batch_sizes=None, runs: int | None = None):
+    """Notebook 06's comparison: each model's scores over `loader` and its latency (batch 1) and
+    throughput on a (height, width) `latency_input`, as metrics.json rows (`evaluate.metrics_row`,
+    split val), and the full scores by name (confusion matrices for the figures).
+
+    `batch_sizes` of the throughput, None: (1, 2) on a CPU, (1, 2, 4, 8, 16, 32) on a GPU; `runs`
+    (timed runs per batch size), None: 2 on a CPU (the demo's time budget), 10 on a GPU.
+    """
+    device = default_device(device)
+    on_cpu = device.type == "cpu"
+    batch_sizes = tuple(batch_sizes) if batch_sizes else ((1, 2) if on_cpu else (1, 2, 4, 8, 16, 32))
+    runs = runs or (2 if on_cpu else 10)
+    rows, results = [], {}
+    for name, model in models.items():
+        result = evaluate_model(model, loader, device=device)
+        timing = benchmark.latency(model, input_size=tuple(latency_input), device=device)
+        speed = benchmark.throughput(model, input_size=tuple(latency_input), batch_sizes=batch_sizes, device=device,
+                                     warmup=1, runs=runs)
+        results[name] = result
+        rows.append(metrics_row(name, result, count_parameters(model), timing, speed, split="val",
+                                device=timing["device"], input_size=latency_input))
+    return rows, results
+
+
+def student_against_ensemble(ctx, student, best: dict) -> dict:
+    """Notebook 05's verdict: the student (its best history row `best`, timed now at the model input
+    size) beside the ensemble as notebook 04 scored it. `retained`: the share of the ensemble's val
+    mIoU the student keeps; `speedup`: how many times faster it runs."""
+    ensemble = read_ensemble(ctx.run)["val"]["ensemble"]
+    student_ms = benchmark.latency(student, input_size=ctx.profile.image_size)["median_ms"]
+    return {"ensemble": ensemble,
+            "student": {"miou": best["val_miou"], "ms_per_image": student_ms, "params": count_parameters(student)},
+            "retained": best["val_miou"] / ensemble["miou"], "speedup": ensemble["ms_per_image"] / student_ms}
