@@ -71,6 +71,7 @@ from offroadseg.ensemble import Ensemble, TestTimeAugmentation  # noqa: E402
 from offroadseg.evaluate import predict_files, predict_labels  # noqa: E402
 from offroadseg.models import build_model, count_parameters  # noqa: E402
 from offroadseg.profiles import PROFILES  # noqa: E402
+from offroadseg.runs import ensemble_weights, read_ensemble, run_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PREDICTORS = ("segformer", "deeplab", "student", "ensemble", "ensemble_tta")
@@ -101,14 +102,11 @@ def load_member(role_or_name: str, profile, run: str | None) -> tuple[torch.nn.M
 def ensemble_settings(run: str | None) -> dict:
     """Weights, TTA flips/scales and input size from outputs/RUN/ensemble.json, else defaults."""
     settings = {"weights": [0.5, 0.5], "flips": ("h",), "scales": None, "input_size": None, "source": "defaults"}
-    path = ROOT / "outputs" / run / "ensemble.json" if run else None
-    if path is not None and path.is_file():
-        from offroadseg.files import read_json
-
-        info = read_json(path)
-        settings.update(weights=[info["members"]["segformer"]["weight"], info["members"]["deeplab"]["weight"]],
-                        flips=tuple(info["tta"]["flips"]), scales=info["tta"].get("scales"),
-                        input_size=info.get("input_size"), source=str(path.relative_to(ROOT)))
+    folder = run_dir(run, ROOT) if run else None
+    if folder is not None and folder.ensemble.is_file():
+        info = read_ensemble(folder)
+        settings.update(weights=ensemble_weights(info), flips=tuple(info["tta"]["flips"]), scales=info["tta"]["scales"],
+                        input_size=info["input_size"], source=str(folder.ensemble.relative_to(ROOT)))
     return settings
 
 

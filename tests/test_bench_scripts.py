@@ -56,3 +56,17 @@ def test_loader_vs_model_device_augmentation(tmp_path, one_thread):
     assert row["augment"] == "device" and row["augment_ips"] > 0
     assert row["cache_build_s"] > 0 and row["decode_ips"] > 0 and row["loader_e2_ips"] > 0
     assert row["cache_build"]["cache_size"] == [96, 144]  # 1.5x the quick 64x96 model input
+
+
+def test_inference_bench_takes_the_ensemble_settings_from_ensemble_json(tmp_path, monkeypatch):
+    from offroadseg import runs
+
+    inference = _load("inference")
+    monkeypatch.setattr(inference, "ROOT", tmp_path)
+    assert inference.ensemble_settings("r")["source"] == "defaults"  # no such run: equal weights, flips ("h",)
+    val = {"ensemble": {"miou": 0.5, "ms_per_image": 30.0, "params": 10}}
+    runs.write_ensemble(runs.Run(tmp_path / "outputs" / "r"), 0.25, [], flips=["h", "v"], scales=[0.75, 1.25],
+                        flip_candidates=[], input_size=(16, 24), val=val)
+    settings = inference.ensemble_settings("r")
+    assert settings == {"weights": [0.25, 0.75], "flips": ("h", "v"), "scales": [0.75, 1.25], "input_size": [16, 24],
+                        "source": "outputs/r/ensemble.json"}

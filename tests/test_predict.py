@@ -338,8 +338,8 @@ def test_training_glue_passes_the_inference_record_to_fit(tmp_path, monkeypatch)
     """train_teacher records the profile's input size (no TTA); train_student also the flips of ensemble.json."""
     from types import SimpleNamespace
 
-    from offroadseg.files import write_json
     from offroadseg.profiles import DEMO
+    from offroadseg.runs import Run, write_ensemble
 
     seen = {}
     monkeypatch.setattr(training, "fit", lambda *args, **kwargs: seen.setdefault("info", []).append(kwargs["inference"]))
@@ -347,9 +347,10 @@ def test_training_glue_passes_the_inference_record_to_fit(tmp_path, monkeypatch)
     monkeypatch.setattr(training, "build_model", lambda name, **kwargs: SimpleNamespace(spec={"name": name}))
     student = SimpleNamespace(student=SimpleNamespace(spec={"name": "student"}), spec=None)
     monkeypatch.setattr(training, "distillation_setup", lambda *args: (student, SimpleNamespace(step_loss=None)))
-    run = SimpleNamespace(dir=tmp_path, name="r", model_dir=lambda role: tmp_path / "models" / role)
+    run = Run(tmp_path)
     ctx = SimpleNamespace(profile=DEMO, run=run)
-    write_json(tmp_path / "ensemble.json", {"tta": {"flips": ["h", "v"]}})
+    val = {"ensemble": {"miou": 0.6, "ms_per_image": 80.0, "params": 17}}
+    write_ensemble(run, 0.5, [], flips=["h", "v"], scales=None, flip_candidates=[], input_size=DEMO.image_size, val=val)
     scan = {"sample_weights": None, "class_weights": [1.0] * 10}
     training.train_teacher(ctx, "deeplab", scan, DEMO.deeplab, training.train_config(DEMO, DEMO.deeplab), progress=False)
     training.train_student(ctx, scan, DEMO.student, training.train_config(DEMO, DEMO.student), progress=False)

@@ -94,3 +94,44 @@ def test_snapshot_keeps_old_contents_while_the_run_rewrites_its_files(tmp_path):
     second = runs.snapshot(run)
     assert second != kept and not (second / "earlier").exists()  # snapshots never nest
     assert read_json(second / "metrics.json") == {"miou": 0.6}
+
+
+def ensemble_record(run):
+    """An ensemble.json as notebook 04 writes it (the figures are made up)."""
+    scores = {"miou": 0.6, "pixel_acc": 0.9, "per_class_iou": {"Sky": 0.9}, "ms_per_image": 80.0, "params": 17}
+    return runs.write_ensemble(run, weight=0.3, weight_grid=[{"weight": 0.3, "miou": 0.6}], flips=("h",), scales=None,
+                               flip_candidates=[{"flips": ["h"], "miou": 0.61}], input_size=(16, 32),
+                               val={"segformer": {**scores, "miou": 0.5}, "ensemble": scores})
+
+
+def test_ensemble_json_round_trip(tmp_path):
+    run = runs.Run(tmp_path / "r")
+    written = ensemble_record(run)
+    record = runs.read_ensemble(run)
+    assert record == json.loads(json.dumps(written)) and run.ensemble == run.dir / "ensemble.json"
+    assert runs.ensemble_weights(record) == pytest.approx([0.3, 0.7])  # segformer's weight, then deeplab's
+    assert record["tta"] == {"flips": ["h"], "scales": None, "candidates": [{"flips": ["h"], "miou": 0.61}]}
+    assert record["input_size"] == [16, 32] and record["val"]["ensemble"]["miou"] == 0.6
+    assert record["members"]["deeplab"]["checkpoint"] == "models/deeplab/best.pt"
+
+
+def test_a_missing_or_incomplete_ensemble_json_names_notebook_04(tmp_path):
+    run = runs.Run(tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match=r"ensemble.json not found: run notebook 04_ensemble .*--only 04"):
+        runs.read_ensemble(run)
+    record = ensemble_record(run)
+    del record["tta"]["scales"], record["val"]["ensemble"]["ms_per_image"]  # as an older or hand-made file might be
+    write_json(run.ensemble, record)
+    with pytest.raises(ValueError, match=r"ensemble.json lacks tta.scales, val.ensemble.ms_per_image .*"
+                                         r"run notebook 04_ensemble for run 'r'"):
+        runs.read_ensemble(run)
+
+
+def test_require_names_the_producer_of_each_run_file(tmp_path):
+    run = runs.Run(tmp_path / "r")
+    (run.dir / "models" / "segformer").mkdir(parents=True)
+    assert run.require("models/segformer") == run.dir / "models" / "segformer"
+    for relative, notebook in (("models/student/best.pt", "05_distill"), ("scan.json", "01_data_scan"),
+                               ("figures/x.png", "the earlier notebooks")):
+        with pytest.raises(FileNotFoundError, match=f"{relative} not found: run notebook {notebook}"):
+            run.require(relative)

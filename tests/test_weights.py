@@ -185,7 +185,8 @@ def test_download_command_line_errors(capsys):
                                             ("05_distill", "student")])
 def test_training_notebooks_take_a_weights_folder(notebook, role, tmp_path):
     # ./run_all.sh --weights DIR sets the papermill parameter `weights` in each notebook that defines it;
-    # the notebook must hand it to model_plan, so the full profile's plan resolves inside DIR.
+    # the notebook must hand it to model_plan (02 and 03 through teacher_chapter), so the full profile's plan
+    # resolves inside DIR.
     import nbformat
 
     nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / f"{notebook}.ipynb", as_version=4)
@@ -193,5 +194,5 @@ def test_training_notebooks_take_a_weights_folder(notebook, role, tmp_path):
     defaults: dict = {}
     exec(parameters.source, {}, defaults)
     assert defaults["weights"] is None
-    call = next(c.source for c in nb.cells if "training.model_plan(" in c.source)
+    call = next(c.source for c in nb.cells if "training.model_plan(" in c.source or "training.teacher_chapter(" in c.source)
     assert "weights_dir=weights" in call and f'"{role}"' in call

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .profiles import Profile, get_profile
-from .runs import Run, project_root, record_step, run_dir
+from .runs import PRODUCERS, Run, project_root, record_step, run_dir
 
 DEMO_DATA = "data/demo_desert"
 # The test suite sets this so `pytest --nbval` never touches a user's run folders.
@@ -161,25 +161,10 @@ def run_image_size(folder: Run, given) -> tuple[int, int] | None:
     return None
 
 
-# Which notebook writes which artifact: a missing input names the notebook to run first.
-PRODUCERS = {
-    "scan.json": "01_data_scan",
-    "models/segformer": "02_train_segformer",
-    "models/deeplab": "03_train_deeplab",
-    "ensemble.json": "04_ensemble",
-    "models/student": "05_distill",
-    "metrics.json": "06_evaluate",
-}
-
-
 def require(ctx: Context, relative: str) -> Path:
-    """The path of an earlier notebook's artifact in this run; a clear error naming that notebook if absent."""
-    path = ctx.run.dir / relative
-    if not path.exists():
-        producer = next((nb for key, nb in PRODUCERS.items() if relative.startswith(key)), "the earlier notebooks")
-        raise FileNotFoundError(f"{path} not found: run notebook {producer} for run '{ctx.run.name}' first "
-                                f"(./run_all.sh --run {ctx.run.name} --only {producer[:2]})")
-    return path
+    """The path of an earlier notebook's artifact in this run; a clear error naming that notebook if absent
+    (`runs.PRODUCERS` says which notebook writes what)."""
+    return ctx.run.require(relative)
 
 
 # Parameters of the training notebooks that change what the demo's quality floors were set for.

@@ -1,8 +1,10 @@
-"""Run folders and the run manifest (run.json).
+"""Run folders, the run manifest (run.json) and the run files notebooks hand on (ensemble.json).
 
 A run is `outputs/<run>/`; each notebook records in run.json the profile, its
 parameters, the data root and fingerprint, the code revision, package versions,
 seeds and its start/finish times, so any artifact can be traced to what made it.
+`PRODUCERS` says which notebook writes which file, so a missing input names the
+notebook to run first (`Run.require`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class Run:
     def figures(self) -> Path:
         return self.dir / "figures"
 
+    @property
+    def ensemble(self) -> Path:
+        return self.dir / "ensemble.json"
+
     def model_dir(self, name: str) -> Path:
         return self.dir / "models" / name
 
@@ -93,6 +99,29 @@ class Run:
 
     def read_manifest(self) -> dict:
         return read_json(self.manifest) if self.manifest.exists() else {}
+
+    def require(self, relative: str) -> Path:
+        """The path of an earlier notebook's artifact in this run; a clear error naming that notebook if absent."""
+        path = self.dir / relative
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: {self.run_first(relative)}")
+        return path
+
+    def run_first(self, relative: str) -> str:
+        """What to do when `relative` is missing or unusable: run the notebook that writes it."""
+        producer = next((nb for key, nb in PRODUCERS.items() if relative.startswith(key)), "the earlier notebooks")
+        return f"run notebook {producer} for run '{self.name}' first (./run_all.sh --run {self.name} --only {producer[:2]})"
+
+
+# Which notebook writes which artifact: a missing input names the notebook to run first.
+PRODUCERS = {
+    "scan.json": "01_data_scan",
+    "models/segformer": "02_train_segformer",
+    "models/deeplab": "03_train_deeplab",
+    "ensemble.json": "04_ensemble",
+    "models/student": "05_distill",
+    "metrics.json": "06_evaluate",
+}
 
 
 def snapshot(run: Run) -> Path | None:
@@ -167,3 +196,61 @@ def record_step(run: Run, step: str, parameters: dict, profile: str, data_root: 
     manifest["steps"][step] = entry
     write_json(run.manifest, manifest)
     return manifest
+
+
+# ----------------------------------------------------------------------- ensemble.json (04)
+
+# The fusion order of the members: Ensemble([segformer, deeplab], ensemble_weights(record)).
+ENSEMBLE_MEMBERS = ("segformer", "deeplab")
+# What the readers take from ensemble.json (05, 06, distillation, bench/inference.py), as key paths.
+ENSEMBLE_FIELDS = ("members.segformer.weight", "members.deeplab.weight", "tta.flips", "tta.scales", "input_size",
+                   "val.ensemble.miou", "val.ensemble.ms_per_image", "val.ensemble.params")
+
+
+def write_ensemble(run: Run, weight: float, weight_grid: list[dict], flips, scales, flip_candidates: list[dict],
+                   input_size, val: dict) -> dict:
+    """Write the run's ensemble.json (notebook 04) atomically and return what was written.
+
+    `weight`: SegFormer's share of the fused probabilities (DeepLab gets 1 - weight), chosen on val
+    from `weight_grid` (rows of `ensemble.choose_weight`); `flips` and `scales`: the test-time
+    augmentation, chosen from `flip_candidates` (rows of `ensemble.choose_tta`); `input_size`: the
+    model input (height, width) it was chosen at; `val`: scores per predictor (segformer, deeplab,
+    ensemble, ensemble_tta: miou, pixel_acc, per_class_iou, ms_per_image, params).
+    """
+    record = {
+        "members": {"segformer": {"weight": weight, "checkpoint": "models/segformer/best.pt"},
+                    "deeplab": {"weight": 1 - weight, "checkpoint": "models/deeplab/best.pt"}},
+        "weight_grid": weight_grid,
+        "tta": {"flips": list(flips), "scales": scales, "candidates": flip_candidates},
+        "input_size": list(input_size),
+        "val": val,
+    }
+    write_json(run.ensemble, record)
+    return record
+
+
+def read_ensemble(run: Run) -> dict:
+    """The run's ensemble.json, as `write_ensemble` wrote it; a clear error naming notebook 04 when the
+    file is missing or lacks a field its readers take (`ENSEMBLE_FIELDS`: a file from another version
+    or edited by hand)."""
+    path = run.require("ensemble.json")
+    record = read_json(path)
+
+    def has(field: str) -> bool:
+        value = record
+        for key in field.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return False
+            value = value[key]
+        return True
+
+    missing = [field for field in ENSEMBLE_FIELDS if not has(field)]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)} (written by another version, or edited): "
+                         f"{run.run_first('ensemble.json')}")
+    return record
+
+
+def ensemble_weights(record: dict) -> list[float]:
+    """The members' weights of an ensemble.json record, in the fusion order (`ENSEMBLE_MEMBERS`)."""
+    return [record["members"][member]["weight"] for member in ENSEMBLE_MEMBERS]

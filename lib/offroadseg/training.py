@@ -1,26 +1,34 @@
-"""Training a model of the pipeline from a run's scan: the glue notebooks 02, 03 and 05 call.
+"""Training a model of the pipeline from a run's scan, and the run's models: the glue the notebooks call.
 
 Everything here is assembly: usable pairs and weights from scan.json, the cached
 dataset and augmentation, the model from the profile's plan, the loss with the
-scan's class weights, and the shared engine (`offroadseg.engine.fit`).
+scan's class weights, and the shared engine (`offroadseg.engine.fit`); the teachers'
+chapter of notebooks 02 and 03 (`teacher_chapter`); the run's trained models and
+their ensemble as notebooks 04-06 load and score them.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from . import augment, weights
+from . import augment, benchmark, pipeline, plots, weights
 from .batch_augment import BatchAugment
+from .checkpoints import load_model
 from .dataset import SegmentationDataset, cache_folder
-from .engine import TrainConfig, fit
+from .device import default_device
+from .engine import TrainConfig, fit, launch
+from .ensemble import Ensemble, TestTimeAugmentation
+from .evaluate import evaluate_model, metrics_row
+from .files import read_json
 from .losses import SegmentationLoss
 from .modelinfo import inference_info
-from .models import build_model
+from .models import build_model, count_parameters
 from .profiles import ModelPlan, Profile
-from .scan import usable_pairs
+from .runs import ENSEMBLE_MEMBERS, ensemble_weights, read_ensemble
+from .scan import read_scan, usable_pairs
 
 # Train images are cached a bit larger than the model input, so random crops keep detail.
 TRAIN_CACHE_SCALE = 1.5
@@ -40,6 +48,8 @@ def model_plan(profile: Profile, role: str, weights_dir=None, **overrides) -> Mo
         raise ValueError(f"unknown role {role!r}: segformer, deeplab or student")
     plan = getattr(profile, role)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("init_from") == "none":  # None keeps the profile's choice; "none" says: start afresh
+        overrides["init_from"] = None
     unknown = set(overrides) - set(plan.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)} for {role}; valid: {sorted(plan.__dataclass_fields__)}")
@@ -158,10 +168,32 @@ def val_dataset(scan: dict, image_size: tuple[int, int], native_masks: bool = Fa
 
 def load_teachers(ctx) -> dict:
     """Both teachers' best checkpoints, in eval mode; a clear error naming the notebook to run when missing."""
-    from .checkpoints import load_model
-    from .pipeline import require
+    return {role: load_model(ctx.run.require(f"models/{role}/best.pt")) for role in ENSEMBLE_MEMBERS}
 
-    return {role: load_model(require(ctx, f"models/{role}/best.pt")) for role in ("segformer", "deeplab")}
+
+def fuse(teachers: dict, record: dict) -> Ensemble:
+    """The teachers fused with the weights of an ensemble.json record (`runs.read_ensemble`)."""
+    return Ensemble([teachers[role] for role in ENSEMBLE_MEMBERS], ensemble_weights(record))
+
+
+def evaluation_models(ctx) -> dict:
+    """Every model of the run that notebook 06 compares, by the name its metrics.json row takes: both
+    teachers, their ensemble and the distilled student, each also with the TTA notebook 04 chose.
+
+    A clear error naming the notebook to run first when ensemble.json or a checkpoint is missing.
+    """
+    record = read_ensemble(ctx.run)
+    teachers = load_teachers(ctx)
+    student = load_model(ctx.run.require("models/student/best.pt"))
+    ensemble = fuse(teachers, record)
+    flips, scales = tuple(record["tta"]["flips"]), record["tta"]["scales"]
+    return {
+        **teachers,
+        "ensemble": ensemble,
+        "ensemble_tta": TestTimeAugmentation(ensemble, flips=flips, scales=scales),
+        "student": student,
+        "student_tta": TestTimeAugmentation(student, flips=flips, scales=scales),
+    }
 
 
 def initial_student(ctx, plan: ModelPlan):
@@ -169,10 +201,7 @@ def initial_student(ctx, plan: ModelPlan):
     required), else `plan`'s model from its pretrained weights or from scratch."""
     if plan.init_from is None:
         return build_model(plan.name, pretrained=plan.pretrained, **plan.options)
-    from .checkpoints import load_model
-    from .pipeline import require
-
-    teacher = load_model(require(ctx, f"models/{plan.init_from}/best.pt"))
+    teacher = load_model(ctx.run.require(f"models/{plan.init_from}/best.pt"))
     wanted = build_model(plan.name, **plan.options).spec
     if teacher.spec != wanted:
         raise ValueError(f"init_from={plan.init_from!r}: that teacher is {teacher.spec}, the student plan is {wanted}; "
@@ -188,14 +217,9 @@ def distillation_setup(ctx, scan: dict, plan: ModelPlan, alpha: float = 0.5, tem
     the hard term is the teachers' loss (CE + Dice + focal with the scan's class weights).
     """
     from .distill import DistillationLoss, DistillationStudent, Distiller
-    from .ensemble import Ensemble
-    from .files import read_json
-    from .pipeline import require
 
-    members = read_json(require(ctx, "ensemble.json"))["members"]
-    teachers = load_teachers(ctx)
-    ensemble = Ensemble([teachers["segformer"], teachers["deeplab"]],
-                        [members["segformer"]["weight"], members["deeplab"]["weight"]])
+    record = read_ensemble(ctx.run)  # first: a run without it (or without the teachers too) is told to run 04
+    ensemble = fuse(load_teachers(ctx), record)
     student = initial_student(ctx, plan)
     model = DistillationStudent(student, ensemble, layers=(-2, -1) if beta > 0 else ())
     distiller = Distiller(ensemble, DistillationLoss(alpha=alpha, temperature=temperature, beta=beta,
@@ -212,10 +236,7 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     """
     torch.manual_seed(config.seed)  # the feature projections (and a student from scratch) start from the global RNG
     model, distiller = distillation_setup(ctx, scan, plan, alpha, temperature, beta)
-    from .files import read_json
-    from .pipeline import require
-
-    flips = read_json(require(ctx, "ensemble.json"))["tta"]["flips"]  # the flips notebook 04 chose on val
+    flips = read_ensemble(ctx.run)["tta"]["flips"]  # the flips notebook 04 chose on val
     on_device = augment_on_device()
     train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=cache_folder(ctx.run.dir), on_device=on_device)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir("student"), loss_fn=segmentation_loss(scan),
@@ -243,3 +264,146 @@ def distillation_cost(ctx, scan: dict, plan: ModelPlan, batch_size: int, **loss_
     images, masks = next(iter(DataLoader(train_set, batch_size=batch_size, shuffle=False)))
     device = default_device()
     return cost_split(distiller, model, images.to(device), masks.to(device))
+
+
+# ------------------------------------------------------------------ the notebooks' chapters
+
+
+@dataclass
+class TeacherChapter:
+    """A teacher's chapter of notebooks 02 and 03: plan, training, curves, val predictions, checks.
+
+    Each method is one cell of the notebook and prints (or shows and saves under figures/) what
+    that cell shows; the notebooks keep their own narrative between the cells.
+    """
+
+    ctx: pipeline.Context
+    role: str  # segformer or deeplab: the models/<role>/ folder
+    title: str  # how the figures name the model ("SegFormer", "DeepLabV3+")
+    scan: dict
+    plan: ModelPlan
+    config: TrainConfig
+    history: list[dict] | None = None
+
+    @property
+    def model_dir(self):
+        return self.ctx.run.model_dir(self.role)
+
+    @property
+    def best(self) -> dict:
+        """The history row of the best val mIoU (the epoch best.pt holds)."""
+        if not self.history:
+            raise RuntimeError(f"{self.role}: no training history yet; run the training cell (train) first")
+        return max(self.history, key=lambda row: row["val_miou"])
+
+    def _figure(self, name: str):
+        return self.ctx.run.figure(f"{self.ctx.step[:2]}_{name}.png")  # 02_curves.png, 03_curves.png, ...
+
+    def describe(self) -> str:
+        """The model, its weights and the training settings, as the notebook states them before training."""
+        height, width = self.ctx.profile.image_size
+        return (f"model: {self.plan.name} {self.plan.options or ''}, pretrained: {self.plan.pretrained}\n"
+                f"input: {height}x{width}, epochs: {self.config.epochs}, batch: {self.config.batch_size}")
+
+    def train(self, num_processes: int | None = None) -> list[dict]:
+        """Train (or resume) on every GPU through `engine.launch`; the history is read back from
+        history.json, since under the launcher the training function's return value is dropped."""
+        launch(train_teacher, (self.ctx, self.role, self.scan, self.plan, self.config), num_processes)
+        self.history = read_json(self.model_dir / "history.json")
+        return self.history
+
+    def training_summary(self) -> str:
+        best, last = self.best, self.history[-1]
+        return (f"best val mIoU {best['val_miou']:.3f} at epoch {best['epoch']}; "
+                f"{sum(row['seconds'] for row in self.history):.0f} s, {last['images_per_s']:.1f} train images/s")
+
+    def plot_curves(self) -> None:
+        plots.save(plots.training_curves(self.history, self.title), self._figure("curves"))
+
+    def plot_per_class_curves(self) -> None:
+        plots.save(plots.per_class_iou_curves(self.history, f"{self.title}: per-class val IoU"),
+                   self._figure("per_class_iou"))
+
+    def iou_table(self) -> str:
+        """Per-class val IoU at the best epoch."""
+        return plots.iou_table(self.best["per_class_iou"])
+
+    def plot_val_predictions(self, count: int = 3) -> None:
+        """The best checkpoint's parameter count and its predictions on `count` val images."""
+        model = load_model(self.model_dir / "best.pt")
+        print(f"parameters: {count_parameters(model) / 1e6:.2f} M")
+        _, val_set = datasets(self.scan, self.ctx.profile.image_size, augmentation=False)
+        grid = plots.prediction_grid(sample_predictions(model, val_set, count=count), f"{self.title}: val predictions")
+        plots.save(grid, self._figure("val_predictions"))
+
+    def finish(self, min_demo_miou: float) -> None:
+        """The demo's quality floor (asserted on the demo desert only, see `pipeline.demo_check`), the
+        checkpoints written, and the notebook's end recorded in run.json."""
+        best = self.best
+        pipeline.demo_check(self.ctx, f"best val mIoU >= {min_demo_miou}", best["val_miou"] >= min_demo_miou,
+                            f"{best['val_miou']:.3f}")
+        print("checkpoints:", sorted(path.name for path in self.model_dir.glob("*.pt")))
+        pipeline.finish(self.ctx, best_val_miou=best["val_miou"], best_epoch=best["epoch"])
+
+
+def teacher_chapter(ctx, role: str, title: str, weights_dir=None, **overrides) -> TeacherChapter:
+    """The chapter of teacher `role` for the run of `ctx`: the scan of notebook 01, the profile's plan
+    with the notebook's overrides (`model_plan`: name, pretrained, epochs, batch_size, lr) and its
+    training settings."""
+    plan = model_plan(ctx.profile, role, weights_dir=weights_dir, **overrides)
+    return TeacherChapter(ctx, role, title, read_scan(ctx.run.scan), plan, train_config(ctx.profile, plan))
+
+
+# ------------------------------------------------- scoring the run's models (notebooks 04-06)
+
+
+def val_scores(predictors: dict, loader, input_size, progress: bool = True) -> dict:
+    """Val scores and cost of each predictor at the model input size, by name: miou, pixel_acc,
+    per_class_iou, ms_per_image (median latency at batch 1) and params; the `val` part of
+    ensemble.json (notebook 04). `progress` prints one line per predictor as it is measured."""
+    results = {}
+    for name, predictor in predictors.items():
+        result = evaluate_model(predictor, loader)
+        timing = benchmark.latency(predictor, input_size=input_size)
+        params = count_parameters(predictor)
+        results[name] = {"miou": result["miou"], "pixel_acc": result["pixel_acc"], "per_class_iou": result["per_class_iou"],
+                         "ms_per_image": timing["median_ms"], "params": params}
+        if progress:
+            print(f"{name:<13} mIoU {result['miou']:.3f}  pixel acc {result['pixel_acc']:.3f}  "
+                  f"{timing['median_ms']:7.1f} ms/img  {params / 1e6:5.2f} M params")
+    return results
+
+
+def compare_models(models: dict, loader, latency_input, device=None, batch_sizes=None, runs: int | None = None):
+    """Notebook 06's comparison: each model's scores over `loader` and its latency (batch 1) and
+    throughput on a (height, width) `latency_input`, as metrics.json rows (`evaluate.metrics_row`,
+    split val), and the full scores by name (confusion matrices for the figures).
+
+    `batch_sizes` of the throughput, None: (1, 2) on a CPU, (1, 2, 4, 8, 16, 32) on a GPU; `runs`
+    (timed runs per batch size), None: 2 on a CPU (the demo's time budget), 10 on a GPU.
+    """
+    device = default_device(device)
+    on_cpu = device.type == "cpu"
+    batch_sizes = tuple(batch_sizes) if batch_sizes else ((1, 2) if on_cpu else (1, 2, 4, 8, 16, 32))
+    runs = runs or (2 if on_cpu else 10)
+    rows, results = [], {}
+    for name, model in models.items():
+        result = evaluate_model(model, loader, device=device)
+        timing = benchmark.latency(model, input_size=tuple(latency_input), device=device)
+        speed = benchmark.throughput(model, input_size=tuple(latency_input), batch_sizes=batch_sizes, device=device,
+                                     warmup=1, runs=runs)
+        results[name] = result
+        rows.append(metrics_row(name, result, count_parameters(model), timing, speed, split="val",
+                                device=timing["device"], input_size=latency_input))
+    return rows, results
+
+
+def student_against_ensemble(ctx, student, best: dict) -> dict:
+    """Notebook 05's verdict: the student (its best history row `best`, timed now at the model input
+    size) beside the ensemble as notebook 04 scored it. `retained`: the share of the ensemble's val
+    mIoU the student keeps; `speedup`: how many times faster it runs."""
+    ensemble = read_ensemble(ctx.run)["val"]["ensemble"]
+    student_ms = benchmark.latency(student, input_size=ctx.profile.image_size)["median_ms"]
+    return {"ensemble": ensemble,
+            "student": {"miou": best["val_miou"], "ms_per_image": student_ms, "params": count_parameters(student)},
+            "retained": best["val_miou"] / ensemble["miou"], "speedup": ensemble["ms_per_image"] / student_ms}

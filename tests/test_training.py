@@ -1,0 +1,190 @@
+"""The notebooks' glue in offroadseg.training: the teachers' chapter of 02/03, the run's models and
+their ensemble as 04-06 load them, and the scoring and comparison cells of 04-06."""
+
+import pytest
+import torch
+from helpers import make_small_dataset
+
+from offroadseg import benchmark, pipeline, runs, training
+from offroadseg.engine import save_checkpoint
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation, evaluate_model
+from offroadseg.files import read_json, write_json
+from offroadseg.models import build_model, count_parameters
+from offroadseg.profiles import DEMO
+from offroadseg.scan import scan_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = (16, 24)  # the model input of these runs
+TINY = {"name": "deeplabv3plus-resnet18", "options": {"output_stride": 32, "aspp_channels": 8, "decoder_channels": 8}}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
+    monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
+    make_small_dataset(tmp_path / "data", 4, 2, 1)
+    return tmp_path
+
+
+def start(project, step: str):
+    """The notebook's pipeline.start with the small input, and the run's scan.json as notebook 01 writes it."""
+    ctx = pipeline.start(step, run="r", profile="demo", data=project / "data", image_size=list(SIZE))
+    if not ctx.run.scan.exists():
+        write_json(ctx.run.scan, scan_dataset(project / "data", workers=1, progress=False))
+    return ctx
+
+
+def tiny_checkpoint(path, seed: int = 0) -> None:
+    """best.pt of a tiny untrained model, as engine.fit writes it (spec and weights) for load_model."""
+    torch.manual_seed(seed)
+    model = build_model(TINY["name"], **TINY["options"])
+    save_checkpoint({"spec": model.spec, "model": model.state_dict()}, path)
+
+
+def trained_run(ctx, with_ensemble: bool = True) -> None:
+    """Checkpoints of both teachers and the student, and ensemble.json, as notebooks 02-05 leave a run."""
+    for seed, role in enumerate(("segformer", "deeplab", "student")):
+        (ctx.run.model_dir(role)).mkdir(parents=True)
+        tiny_checkpoint(ctx.run.model_dir(role) / "best.pt", seed)
+    if with_ensemble:
+        val = {"ensemble": {"miou": 0.5, "pixel_acc": 0.8, "per_class_iou": {}, "ms_per_image": 30.0, "params": 10}}
+        runs.write_ensemble(ctx.run, 0.25, [], flips=["h"], scales=None, flip_candidates=[], input_size=SIZE, val=val)
+
+
+def test_the_teacher_chapter_runs_the_cells_of_02_and_03(project, monkeypatch, capsys):
+    ctx = start(project, "03_train_deeplab")
+    chapter = training.teacher_chapter(ctx, "deeplab", "DeepLabV3+", epochs=2, batch_size=2, options=TINY["options"])
+    assert chapter.plan.epochs == 2 and chapter.config.batch_size == 2 and chapter.plan.options == TINY["options"]
+    assert chapter.describe() == (f"model: {DEMO.deeplab.name} {TINY['options']}, pretrained: None\n"
+                                  f"input: {SIZE[0]}x{SIZE[1]}, epochs: 2, batch: 2")
+    with pytest.raises(RuntimeError, match="run the training cell"):
+        chapter.training_summary()
+
+    def train_teacher(ctx, role, scan, plan, config):  # what engine.fit leaves in models/<role>/, in no time
+        rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_miou": miou, "seconds": 1.5,
+                 "images_per_s": 4.0 + e, "per_class_iou": [miou] * 9 + [None]} for e, miou in ((1, 0.3), (2, 0.5))]
+        write_json(ctx.run.model_dir(role) / "history.json", rows)
+        tiny_checkpoint(ctx.run.model_dir(role) / "best.pt")
+        (ctx.run.model_dir(role) / "last.pt").write_bytes(b"")
+        return rows
+
+    monkeypatch.setattr(training, "train_teacher", train_teacher)
+    history = chapter.train()
+    assert [row["epoch"] for row in history] == [1, 2] and chapter.best["epoch"] == 2
+    assert chapter.training_summary() == "best val mIoU 0.500 at epoch 2; 3 s, 6.0 train images/s"
+    chapter.plot_curves()
+    chapter.plot_per_class_curves()
+    table = chapter.iou_table().splitlines()
+    assert table[1].split() == ["Trees", "0.50"] and table[-1].split() == ["Sky", "-"]
+    chapter.plot_val_predictions(count=2)
+    assert sorted(path.name for path in ctx.run.figures.iterdir()) == [
+        "03_curves.png", "03_per_class_iou.png", "03_val_predictions.png"]
+    chapter.finish(min_demo_miou=0.45)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"parameters: {count_parameters(build_model(TINY['name'], **TINY['options'])) / 1e6:.2f} M"
+    assert out[1:] == ["best val mIoU >= 0.45: True", "checkpoints: ['best.pt', 'last.pt']"]
+    entry = ctx.run.read_manifest()["steps"]["03_train_deeplab"]
+    assert entry["best_val_miou"] == 0.5 and entry["best_epoch"] == 2 and "finished" in entry
+
+
+def test_the_teacher_chapter_needs_the_scan_of_notebook_01(project):
+    ctx = pipeline.start("02_train_segformer", run="r", profile="demo", data=project / "data")
+    with pytest.raises(FileNotFoundError, match="notebook 01_data_scan"):
+        training.teacher_chapter(ctx, "segformer", "SegFormer")
+
+
+def test_student_init_none_starts_the_student_afresh():
+    assert DEMO.student.init_from == "deeplab"  # the demo student starts from the DeepLab teacher
+    assert training.model_plan(DEMO, "student", init_from=None).init_from == "deeplab"  # None: the profile's
+    assert training.model_plan(DEMO, "student", init_from="segformer").init_from == "segformer"
+    assert training.model_plan(DEMO, "student", init_from="none").init_from is None
+
+
+def test_evaluation_models_are_the_runs_models_fused_as_notebook_04_chose(project):
+    ctx = start(project, "06_evaluate")
+    with pytest.raises(FileNotFoundError, match="04_ensemble"):
+        training.evaluation_models(ctx)
+    trained_run(ctx)
+    models = training.evaluation_models(ctx)
+    assert list(models) == ["segformer", "deeplab", "ensemble", "ensemble_tta", "student", "student_tta"]
+    ensemble, ensemble_tta = models["ensemble"], models["ensemble_tta"]
+    assert isinstance(ensemble, Ensemble) and ensemble.weights == pytest.approx([0.25, 0.75])
+    assert list(ensemble.members) == [models["segformer"], models["deeplab"]]
+    assert isinstance(ensemble_tta, TestTimeAugmentation) and ensemble_tta.model is ensemble
+    assert ensemble_tta.flips == ("h",) and ensemble_tta.scales is None
+    assert models["student_tta"].model is models["student"] and models["student_tta"].flips == ("h",)
+    assert not models["student"].training  # checkpoints load in eval mode
+    (ctx.run.model_dir("student") / "best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="05_distill"):
+        training.evaluation_models(ctx)
+
+
+def test_distillation_weighs_the_teachers_as_ensemble_json_says(project):
+    ctx = start(project, "05_distill")
+    trained_run(ctx)
+    scan = read_json(ctx.run.scan)
+    plan = training.model_plan(DEMO, "student", name=TINY["name"], options=TINY["options"])  # from the deeplab teacher
+    model, distiller = training.distillation_setup(ctx, scan, plan, beta=0.0)
+    assert distiller.teachers.weights == pytest.approx([0.25, 0.75])
+    assert [m.spec for m in distiller.teachers.members] == [m.spec for m in training.load_teachers(ctx).values()]
+    assert model.student.spec["name"] == TINY["name"]
+
+
+def loader_of(ctx, native: bool = False):
+    scan = read_json(ctx.run.scan)
+    return training.loader(training.val_dataset(scan, SIZE, native_masks=native), batch_size=2)
+
+
+def test_val_scores_are_the_val_part_of_ensemble_json(project, capsys):
+    ctx = start(project, "04_ensemble")
+    trained_run(ctx, with_ensemble=False)
+    teachers = training.load_teachers(ctx)
+    loader = loader_of(ctx)
+    results = training.val_scores({"deeplab": teachers["deeplab"], "ensemble": Ensemble(list(teachers.values()))},
+                                  loader, SIZE)
+    assert list(results) == ["deeplab", "ensemble"]
+    deeplab = results["deeplab"]
+    assert set(deeplab) == {"miou", "pixel_acc", "per_class_iou", "ms_per_image", "params"}
+    assert deeplab["miou"] == evaluate_model(teachers["deeplab"], loader)["miou"] and deeplab["ms_per_image"] > 0
+    assert results["ensemble"]["params"] == 2 * deeplab["params"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["deeplab", "ensemble"] and "ms/img" in lines[0]
+
+
+def test_compare_models_makes_the_metrics_rows_of_notebook_06(project, monkeypatch):
+    ctx = start(project, "06_evaluate")
+    trained_run(ctx)
+    models = training.evaluation_models(ctx)
+    models = {name: models[name] for name in ("deeplab", "student_tta")}
+    loader = loader_of(ctx, native=True)
+    timed = []
+    throughput = benchmark.throughput
+
+    def spy(model, **kwargs):
+        timed.append((kwargs["batch_sizes"], kwargs["runs"]))
+        return throughput(model, **kwargs)
+
+    monkeypatch.setattr(benchmark, "throughput", spy)
+    rows, results = training.compare_models(models, loader, [20, 30], device="cpu")
+    assert timed == [((1, 2), 2)] * 2  # the CPU's defaults (the demo's budget)
+    assert [row["model"] for row in rows] == ["deeplab", "student_tta"] and set(results) == set(models)
+    row = rows[0]
+    assert row["split"] == "val" and row["latency_ms"]["input_size"] == [20, 30] and row["latency_ms"]["device"] == "cpu"
+    assert row["miou"] == results["deeplab"]["miou"] == evaluate_model(models["deeplab"], loader)["miou"]
+    assert row["best_batch"] in (1, 2) and row["params"] == rows[1]["params"]
+    assert "confusion_matrix" in results["student_tta"]
+    timed.clear()
+    training.compare_models({"deeplab": models["deeplab"]}, loader, [20, 30], device="cpu", batch_sizes=[1], runs=1)
+    assert timed == [((1,), 1)]
+
+
+def test_the_student_is_judged_against_the_ensemble_of_notebook_04(project, monkeypatch):
+    ctx = start(project, "05_distill")
+    trained_run(ctx)
+    monkeypatch.setattr(benchmark, "latency", lambda model, input_size: {"median_ms": 12.0, "input_size": input_size})
+    student = build_model(TINY["name"], **TINY["options"])
+    outcome = training.student_against_ensemble(ctx, student, {"val_miou": 0.45})
+    assert outcome["retained"] == pytest.approx(0.9) and outcome["speedup"] == pytest.approx(2.5)
+    assert outcome["ensemble"]["miou"] == 0.5 and outcome["student"]["ms_per_image"] == 12.0
+    assert outcome["student"]["params"] == sum(p.numel() for p in student.parameters())
