@@ -14,8 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import find_dataset
+from .files import read_json
 from .profiles import Profile, get_profile
 from .runs import PRODUCERS, Run, project_root, record_step, run_dir
+from .scan import data_fingerprint
+from .synth import is_demo_desert, make_demo_desert
 
 DEMO_DATA = "data/demo_desert"
 # The test suite sets this so `pytest --nbval` never touches a user's run folders.
@@ -42,7 +46,6 @@ def resolve_data_root(data: str | os.PathLike | None) -> Path:
     """The dataset root: `data` as given, or the demo desert (generated on first use)."""
     if data:
         return Path(data).expanduser().resolve()
-    from .synth import make_demo_desert
 
     root = project_root() / DEMO_DATA
     make_demo_desert(root)  # returns at once when the desert is already there
@@ -103,9 +106,6 @@ def check_data_unchanged(folder: Run, step: str, data_root: Path) -> None:
     results of the old data (a rescan would then mix models of the old files with the new)."""
     if not folder.scan.exists():
         return
-    from .data import find_dataset
-    from .files import read_json
-    from .scan import data_fingerprint
 
     try:
         scanned = read_json(folder.scan).get("fingerprint")
@@ -179,8 +179,6 @@ def demo_floors_skipped(ctx: Context) -> str | None:
     the demo profile's own settings on the generated demo desert. On a user's data, or with other
     settings (a first one-epoch run), the notebooks report their figures and go on.
     """
-    from .synth import is_demo_desert
-
     if not is_demo_desert(ctx.data_root):
         return "the data is not the generated demo desert"
     if ctx.profile.name != "demo":

@@ -13,15 +13,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from . import augment, benchmark, pipeline, plots, weights
 from .batch_augment import BatchAugment
 from .checkpoints import load_model
 from .dataset import SegmentationDataset, cache_folder
 from .device import default_device
+from .distill import DistillationLoss, DistillationStudent, Distiller, cost_split
 from .engine import TrainConfig, fit, launch
 from .ensemble import Ensemble, TestTimeAugmentation
-from .evaluate import evaluate_model, metrics_row
+from .evaluate import evaluate_model, metrics_row, predict_labels
 from .files import read_json
 from .losses import SegmentationLoss
 from .modelinfo import inference_info
@@ -130,8 +132,6 @@ def sample_predictions(model, dataset, count: int = 3):
     The model runs where it is (`evaluate.predict_labels` puts the images on its device) and is
     left there and in its mode: notebooks call this right after timing the same model.
     """
-    from .evaluate import predict_labels
-
     indices = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int)
     rows = []
     for index in indices:
@@ -144,8 +144,6 @@ def sample_predictions(model, dataset, count: int = 3):
 
 def loader(dataset, batch_size: int = 8, workers: int = 0):
     """A plain evaluation DataLoader (fixed order, no drop)."""
-    from torch.utils.data import DataLoader
-
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
@@ -216,8 +214,6 @@ def distillation_setup(ctx, scan: dict, plan: ModelPlan, alpha: float = 0.5, tem
     loss = alpha * CE(truth) + (1 - alpha) * T^2 * KL(student/T || ensemble/T) + beta * feature matching;
     the hard term is the teachers' loss (CE + Dice + focal with the scan's class weights).
     """
-    from .distill import DistillationLoss, DistillationStudent, Distiller
-
     record = read_ensemble(ctx.run)  # first: a run without it (or without the teachers too) is told to run 04
     ensemble = fuse(load_teachers(ctx), record)
     student = initial_student(ctx, plan)
@@ -254,11 +250,6 @@ def distillation_cost(ctx, scan: dict, plan: ModelPlan, batch_size: int, **loss_
     calls it after `engine.launch(train_student, ...)`, never before (the launcher forks, and a
     forked process cannot use CUDA its parent initialised).
     """
-    from torch.utils.data import DataLoader
-
-    from .device import default_device
-    from .distill import cost_split
-
     model, distiller = distillation_setup(ctx, scan, plan, **loss_settings)
     train_set, _ = datasets(scan, ctx.profile.image_size)
     images, masks = next(iter(DataLoader(train_set, batch_size=batch_size, shuffle=False)))
