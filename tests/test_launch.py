@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import accelerate
 import pytest
 import torch
 from helpers import make_small_dataset
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def launcher(monkeypatch):
     """Records notebook_launcher calls instead of forking."""
     calls = []
-    monkeypatch.setattr(accelerate, "notebook_launcher", lambda fn, args, num_processes: calls.append(
+    monkeypatch.setattr(engine, "notebook_launcher", lambda fn, args, num_processes: calls.append(
         (fn, args, num_processes)))
     return calls
 

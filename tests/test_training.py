@@ -6,8 +6,9 @@ import torch
 from helpers import make_small_dataset
 
 from offroadseg import benchmark, pipeline, runs, training
-from offroadseg.engine import save_checkpoint
-from offroadseg.ensemble import Ensemble, TestTimeAugmentation, evaluate_model
+from offroadseg.checkpoints import save_checkpoint
+from offroadseg.ensemble import Ensemble, TestTimeAugmentation
+from offroadseg.evaluate import evaluate_model
 from offroadseg.files import read_json, write_json
 from offroadseg.models import build_model, count_parameters
 from offroadseg.profiles import DEMO

@@ -146,7 +146,7 @@ def fit(
     replacement of len(train_set) samples. `data_id` (the scan's data fingerprint) is saved with
     the checkpoints, so resuming on changed data is refused rather than mixing two datasets.
     `batch_transform(images, masks) -> (images, masks)` runs on each training batch once it is on
-    the device (`augment.BatchAugment`: augmentation on the GPU, the train set then yields uint8).
+    the device (`batch_augment.BatchAugment`: augmentation on the GPU, the train set then yields uint8).
     `inference` (`modelinfo.inference_info(...)`: input size, normalisation, class table, TTA flips)
     is stored in every checkpoint under "inference", so the model file describes itself.
 

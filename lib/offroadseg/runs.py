@@ -213,7 +213,7 @@ def write_ensemble(run: Run, weight: float, weight_grid: list[dict], flips, scal
 
     `weight`: SegFormer's share of the fused probabilities (DeepLab gets 1 - weight), chosen on val
     from `weight_grid` (rows of `ensemble.choose_weight`); `flips` and `scales`: the test-time
-    augmentation, chosen from `flip_candidates` (rows of `ensemble.choose_tta`); `input_size`: the
+    augmentation, chosen from `flip_candidates` (rows of `evaluate.choose_tta`); `input_size`: the
     model input (height, width) it was chosen at; `val`: scores per predictor (segformer, deeplab,
     ensemble, ensemble_tta: miou, pixel_acc, per_class_iou, ms_per_image, params).
     """

@@ -36,7 +36,7 @@ def seed_epoch(seed: int, epoch: int, rank: int, worker_seeds: torch.Generator) 
     """Seed process `rank`'s random draws of `epoch` (all but the sample order) from (seed, epoch, rank).
 
     Per process: seeded alike, every GPU would draw the same crops, flips and jitter
-    (`augment.BatchAugment` and the per-sample transforms draw from torch's global generator,
+    (`batch_augment.BatchAugment` and the per-sample transforms draw from torch's global generator,
     the loader workers from `worker_seeds`) and the same dropout / drop-path masks. Per epoch: a
     run resumed at epoch e draws what an uninterrupted run drew there. The sample order stays
     common to all processes (EpochSampler, stream 0), which then train on disjoint shards of it.
