@@ -6,6 +6,7 @@ import torch
 
 # tests/helpers.py is imported as a plain module by the test files.
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import make_small_dataset  # noqa: E402  (after the path it is found on)
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +17,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project root of its own (OFFROADSEG_ROOT) holding a small dataset in data/ (4 train, 2 val,
+    1 test pairs), for tests that run notebook steps (`pipeline.start`) against it."""
+    monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
+    monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
+    make_small_dataset(tmp_path / "data", 4, 2, 1)
+    return tmp_path

@@ -3,7 +3,6 @@ their ensemble as 04-06 load them, and the scoring and comparison cells of 04-06
 
 import pytest
 import torch
-from helpers import make_small_dataset
 
 from offroadseg import benchmark, pipeline, runs, training
 from offroadseg.checkpoints import save_checkpoint
@@ -18,14 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = (16, 24)  # the model input of these runs
 TINY = {"name": "deeplabv3plus-resnet18", "options": {"output_stride": 32, "aspp_channels": 8, "decoder_channels": 8}}
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
-    monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
-    make_small_dataset(tmp_path / "data", 4, 2, 1)
-    return tmp_path
 
 
 def start(project, step: str):

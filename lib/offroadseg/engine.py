@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from . import checkpoints
 from .classes import NUM_CLASSES
-from .device import resolve_precision
+from .device import default_device, resolve_precision
 from .evaluate import evaluate_model
 from .files import write_json
 from .losses import cross_entropy
@@ -67,7 +67,7 @@ class TrainConfig:
 def make_accelerator(mixed_precision: str) -> Accelerator:
     # cpu=True where there is no CUDA GPU, so that a CPU launch with torchrun / accelerate
     # launch runs DDP over gloo instead of falling back to one process.
-    cpu = not torch.cuda.is_available()
+    cpu = default_device().type != "cuda"
     # non_blocking: batches go to the GPU from pinned memory without the host waiting for the
     # copy (a blocking copy is a host sync per batch, which leaves the GPU idle meanwhile).
     settings = dict(mixed_precision=mixed_precision, cpu=cpu,

@@ -64,7 +64,7 @@ def model_plan(profile: Profile, role: str, weights_dir=None, **overrides) -> Mo
 def augment_on_device() -> bool:
     """Augment whole batches on the GPU (`batch_augment.BatchAugment`) when there is one: per-sample CPU
     augmentation in loader workers is what starves a GPU. On a CPU the per-sample path stays."""
-    return torch.cuda.is_available()
+    return default_device().type == "cuda"
 
 
 def datasets(scan: dict, image_size: tuple[int, int], augmentation: bool = True, cache_dir=None,

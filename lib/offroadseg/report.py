@@ -1,0 +1,74 @@
+"""Notebook 06's chapters after the val comparison: the test split, the exported student, metrics.json.
+
+Each function is one notebook cell's work, so the cell holds a call and its prints:
+
+    test = report.test_split(ctx, scan, models["student_tta"], device=device, batch_size=4)
+    exports = report.export_student(ctx, scan, student, flips, batch_size=4)
+    metrics = report.write_run_metrics(ctx, rows, results, test["result"], exports["record"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import evaluate, modelinfo, quantize, training
+from . import export as onnx_export
+from .scan import usable_pairs
+
+PREDICTION_FOLDER = Path("predictions") / "test"
+EXPORT_FOLDER = "exports"
+
+
+def test_split(ctx, scan: dict, predictor, device=None, batch_size: int = 4) -> dict:
+    """Predict the test split into predictions/test/ (raw IDs and colour) and score it where it has masks.
+
+    Returns {"pairs": the usable test pairs, "written": the raw prediction files, "valid": every file
+    reopens to valid classes, "result": `evaluate.evaluate_model`'s scores on the test split, or None
+    when it has no masks (the challenge's test images) or no images at all}.
+    """
+    pairs = usable_pairs(scan, "test") if scan["splits"]["test"]["present"] else []
+    written = evaluate.write_predictions(predictor, pairs, ctx.run.dir / PREDICTION_FOLDER, ctx.profile.image_size,
+                                         device=device)
+    result = None
+    if pairs and pairs[0][1] is not None:
+        test_set = training.val_dataset(scan, ctx.profile.image_size, native_masks=True, split="test")
+        result = evaluate.evaluate_model(predictor, training.loader(test_set, batch_size), device=device)
+    return {"pairs": pairs, "written": written, "valid": all(evaluate.prediction_is_valid(p) for p in written),
+            "result": result}
+
+
+def export_student(ctx, scan: dict, student, flips, batch_size: int = 4) -> dict:
+    """The student as exports/student.onnx (with its inference record), its parity with PyTorch on val,
+    and its INT8 version (calibrated on train images, scored on val).
+
+    The record is the checkpoint's own (`modelinfo`); a checkpoint from before that record gets one
+    from this run's profile and ensemble.json's `flips`. Returns {"parity", "int8" (quantize's report),
+    "record": what metrics.json's `exports` holds (paths relative to the run folder)}.
+    """
+    record = (modelinfo.read_inference_info(ctx.run.require("models/student/best.pt"))
+              or modelinfo.inference_info(ctx.profile.image_size, tta_flips=flips))
+    export_dir = ctx.run.dir / EXPORT_FOLDER
+    onnx_path = onnx_export.export_onnx(student, export_dir / "student.onnx", input_size=ctx.profile.image_size,
+                                        inference=record)
+    val_small = training.loader(training.val_dataset(scan, ctx.profile.image_size), batch_size)
+    parity = onnx_export.onnx_parity(student, onnx_path, val_small)
+    train_small = training.loader(training.datasets(scan, ctx.profile.image_size, augmentation=False)[0], batch_size)
+    int8 = quantize.quantize_int8(onnx_path, export_dir / "student_int8.onnx", train_small, eval_batches=val_small)
+    summary = {"onnx": str(onnx_path.relative_to(ctx.run.dir)), "parity": parity,
+               "int8": {key: (str(value) if key == "path" else value) for key, value in int8.items()}}
+    return {"parity": parity, "int8": int8, "record": summary}
+
+
+def write_run_metrics(ctx, rows: list[dict], results: dict, test_result: dict | None, exports: dict,
+                      scored: str = "student_tta") -> dict:
+    """Write the run's metrics.json: the val rows of `training.compare_models`, a `split: "test"` row for
+    `scored` where the test split was scored, the exports, and `scored`'s most confused class pairs on val.
+    Returns what was written."""
+    rows = list(rows)
+    if test_result is not None:
+        rows.append(evaluate.split_row(next(row for row in rows if row["model"] == scored), test_result, "test"))
+    manifest = ctx.run.read_manifest()
+    return evaluate.write_metrics(ctx.run.dir / "metrics.json", rows, run=ctx.run.name, profile=ctx.profile.name,
+                                  data_root=str(ctx.data_root), code_revision=manifest.get("code_revision"),
+                                  model_input_size=list(ctx.profile.image_size), exports=exports,
+                                  most_confused=evaluate.most_confused_pairs(results[scored]["confusion_matrix"]))

@@ -1,0 +1,66 @@
+"""Notebook 06's chapters in offroadseg.report: the test split, the exported student, metrics.json."""
+
+import pytest
+import torch
+from test_training import SIZE, start, tiny_checkpoint
+
+from offroadseg import evaluate, modelinfo, report
+from offroadseg.checkpoints import load_model
+from offroadseg.data import read_mask
+from offroadseg.files import read_json
+from offroadseg.metrics import confusion_matrix, scores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def student_of(ctx):
+    ctx.run.model_dir("student").mkdir(parents=True)
+    tiny_checkpoint(ctx.run.model_dir("student") / "best.pt")
+    return load_model(ctx.run.model_dir("student") / "best.pt")
+
+
+def test_test_split_writes_predictions_and_scores_the_split_that_has_masks(project):
+    ctx = start(project, "06_evaluate")
+    scan = read_json(ctx.run.scan)
+    student = student_of(ctx)
+    test = report.test_split(ctx, scan, student, device="cpu", batch_size=2)
+    assert [pair[0].name for pair in test["pairs"]] == ["test000.png"]
+    assert [path.name for path in test["written"]] == ["test000.png"] and test["valid"]
+    assert test["written"][0].parent == ctx.run.dir / "predictions" / "test" / "raw"
+    # the score is the predictions' own: the written labels against the mask
+    truth = torch.as_tensor(read_mask(test["pairs"][0][1])).long()
+    labels = torch.as_tensor(read_mask(test["written"][0])).long()
+    assert test["result"]["miou"] == pytest.approx(scores(confusion_matrix(labels, truth))["miou"], abs=0.02)
+
+    scan["splits"]["test"]["present"] = False  # no test split: nothing written, nothing scored
+    empty = report.test_split(ctx, scan, student, device="cpu")
+    assert empty["pairs"] == [] and empty["written"] == [] and empty["valid"] and empty["result"] is None
+
+
+def test_export_student_writes_onnx_and_int8_with_the_checkpoints_record(project):
+    ctx = start(project, "06_evaluate")
+    scan = read_json(ctx.run.scan)
+    exported = report.export_student(ctx, scan, student_of(ctx), flips=("h",), batch_size=2)
+    record = exported["record"]
+    assert record["onnx"] == "exports/student.onnx" and (ctx.run.dir / record["onnx"]).is_file()
+    assert (ctx.run.dir / "exports" / "student_int8.onnx").is_file()
+    assert exported["parity"]["max_abs_logit_diff"] < 1e-3 and record["parity"] == exported["parity"]
+    assert isinstance(record["int8"]["path"], str) and exported["int8"]["mode"] in ("static", "dynamic")
+    # the checkpoint carries no inference record: the export gets one from the profile and the flips
+    info = modelinfo.read_inference_info(ctx.run.dir / record["onnx"])
+    assert info["input_size"] == list(SIZE) and info["tta_flips"] == ["h"]
+
+
+def test_write_run_metrics_adds_the_test_row_of_the_scored_model(project):
+    ctx = start(project, "06_evaluate")
+    cm = [[3, 1] + [0] * 8, [0, 4] + [0] * 8] + [[0] * 10 for _ in range(8)]
+    val = {"miou": 0.7, "pixel_acc": 0.9, "iou": [0.75, 0.8] + [None] * 8, "confusion_matrix": cm}
+    rows = [evaluate.metrics_row(name, val, 10, None, None, "val", "cpu", SIZE) for name in ("student", "student_tta")]
+    test = {"miou": 0.5, "pixel_acc": 0.6, "iou": [0.5, 0.5] + [None] * 8, "confusion_matrix": cm}
+    metrics = report.write_run_metrics(ctx, rows, {"student_tta": val}, test, {"onnx": "exports/student.onnx"})
+    assert [(row["model"], row["split"]) for row in metrics["models"]] == [
+        ("student", "val"), ("student_tta", "val"), ("student_tta", "test")]
+    assert metrics["models"][-1]["miou"] == 0.5 and len(rows) == 2  # the caller's rows are left alone
+    assert read_json(ctx.run.dir / "metrics.json") == metrics
+    assert metrics["exports"] == {"onnx": "exports/student.onnx"} and metrics["most_confused"][0]["truth"]
+    assert [r["split"] for r in report.write_run_metrics(ctx, rows, {"student_tta": val}, None, {})["models"]] == ["val", "val"]
