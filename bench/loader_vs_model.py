@@ -70,7 +70,7 @@ from offroadseg.dataset import PARALLEL_MIN_PAIRS  # noqa: E402
 from offroadseg.device import default_device, precision_name, resolve_precision, synchronize  # noqa: E402
 from offroadseg.engine import make_accelerator  # noqa: E402
 from offroadseg.profiles import PROFILES  # noqa: E402
-from offroadseg.sampling import EpochSampler, epoch_seed, seed_worker  # noqa: E402
+from offroadseg.sampling import epoch_seed, make_loaders  # noqa: E402
 from offroadseg.scan import scan_dataset, usable_pairs  # noqa: E402
 
 COLUMNS = ["role", "model", "size", "batch", "workers", "augment", "cache_build_s", "decode_ips", "loader_e1_ips",
@@ -104,12 +104,9 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
                  "decode_processes": 1 if pairs < PARALLEL_MIN_PAIRS else (os.cpu_count() or 1)}
 
         augmentation = training.batch_augmentation(image_size) if on_device else None
-        sampler = EpochSampler(pairs, seed, weights)
-        worker_seeds = torch.Generator()
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=batch, sampler=sampler, drop_last=pairs >= batch,
-            num_workers=workers, worker_init_fn=seed_worker, generator=worker_seeds, pin_memory=device.type == "cuda",
-        )
+        # fit's own train loader (the val loader it also makes is not used here)
+        loaders = make_loaders(train_set, train_set, batch, seed, workers, weights, 0, 1, device.type == "cuda")
+        loader, sampler, worker_seeds = loaders.train, loaders.train.sampler, loaders.worker_seeds
         accelerator = make_accelerator(resolve_precision("auto"))
         prepared = accelerator.device.type == device.type
         if prepared:
