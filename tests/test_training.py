@@ -241,3 +241,39 @@ def test_the_adapted_student_trains_on_train_plus_the_unlabelled_images(project,
     training.write_adaptation_record(ctx, "new_desert", images, rule)
     record = training.read_adaptation_record(ctx.run)
     assert record["images"] == [str(path) for path in images] and record["threshold"] == 0.05
+
+
+def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_accurate_enough(project, tmp_path,
+                                                                                             capsys):
+    ctx = start(project, "05_distill")
+    trained_run(ctx)
+    scan = read_json(ctx.run.scan)
+    plan = training.model_plan(DEMO, "student", name=TINY["name"], options=TINY["options"], epochs=1, batch_size=2)
+    config = training.train_config(DEMO, plan, precision="fp32")
+    assert training.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
+    assert "adaptation: off (adapt=None)" in capsys.readouterr().out
+    folder = str(unlabelled_folder(tmp_path / "new_desert"))
+    # Untrained teachers are never 50% sure: no level qualifies, nothing is trained or recorded.
+    assert training.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, folder, min_accuracy=0.5) is None
+    out = capsys.readouterr().out
+    assert "confidence >=" in out and "adaptation skipped" in out
+    assert not ctx.run.model_dir("student_adapted").exists()
+
+
+def test_the_adaptation_verdict_compares_both_students_on_val_and_the_held_out_images(project):
+    ctx = start(project, "05_distill")
+    trained_run(ctx)
+    ctx.run.model_dir("student_adapted").mkdir(parents=True)
+    tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt", seed=5)
+    for name, best in (("student", 0.6), ("student_adapted", 0.55)):
+        write_json(ctx.run.model_dir(name) / "history.json", [{"val_miou": 0.1}, {"val_miou": best}])
+    holdout = training.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
+    comparison = training.adaptation_comparison(ctx, holdout)
+    assert comparison["val"] == {"student": 0.6, "student_adapted": 0.55}
+    scored = {name: comparison["holdout"][name]["miou"] for name in ("student", "student_adapted")}
+    assert comparison["gain"] == pytest.approx(scored["student_adapted"] - scored["student"])
+    text = training.adaptation_lines(comparison)
+    assert "held-out mIoU" in text and "Sky" in text
+    without = training.adaptation_comparison(ctx, [])
+    assert without["holdout"] is None and without["gain"] is None
+    assert "give adapt_holdout" in training.adaptation_lines(without)

@@ -29,6 +29,7 @@ from .distill import (
     DistillationStudent,
     Distiller,
     choose_threshold,
+    confidence_lines,
     confidence_table,
     cost_split,
 )
@@ -328,14 +329,15 @@ def adaptation_holdout(ctx, adapt, holdout=None) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def confidence_rule(ctx, scan: dict, min_accuracy: float = MIN_KEPT_ACCURACY, batch_size: int = 8) -> dict:
+def confidence_rule(ctx, scan: dict, min_accuracy: float = MIN_KEPT_ACCURACY, batch_size: int = 8,
+                    device=None) -> dict:
     """Which soft labels of unlabelled images to trust, measured on val (labelled, the training desert).
 
     Returns {"table": `distill.confidence_table` of the run's ensemble on val at the model input size,
     "min_accuracy", "threshold": `distill.choose_threshold` of the table (None: no level is that accurate)}.
     """
     ensemble = fuse(load_teachers(ctx), read_ensemble(ctx.run))
-    table = confidence_table(ensemble, loader(val_dataset(scan, ctx.profile.image_size), batch_size))
+    table = confidence_table(ensemble, loader(val_dataset(scan, ctx.profile.image_size), batch_size), device=device)
     return {"table": table, "min_accuracy": min_accuracy, "threshold": choose_threshold(table, min_accuracy)}
 
 
@@ -351,6 +353,76 @@ def read_adaptation_record(run) -> dict | None:
     """The adapted student's adaptation.json, or None when this run has no adapted student."""
     path = run.model_dir(ADAPTED_STUDENT) / "adaptation.json"
     return read_json(path) if path.exists() and (path.parent / "best.pt").exists() else None
+
+
+def adapt_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: float, temperature: float, beta: float,
+                  adapt, min_accuracy: float = MIN_KEPT_ACCURACY, threshold: float | None = None,
+                  num_processes: int | None = None) -> dict | None:
+    """Notebook 05's adaptation cell: the images `adapt` names, the confidence rule measured on val
+    (printed), adaptation.json, and the adapted student trained into models/student_adapted/.
+
+    `threshold` forces the rule's threshold. Returns the adaptation record, or None when adaptation
+    is off (adapt=None) or skipped (no confidence level keeps val pixels `min_accuracy` right).
+    """
+    images = adaptation_images(ctx, adapt)
+    if not images:
+        print("adaptation: off (adapt=None); the student learns from the labelled train set alone")
+        return None
+    rule = confidence_rule(ctx, scan, min_accuracy, device=rule_device(num_processes))
+    if threshold is not None:
+        rule["threshold"] = float(threshold)  # forced by the notebook's parameter
+    print(confidence_lines(rule["table"], rule["threshold"]))
+    if rule["threshold"] is None:
+        print(f"no confidence level keeps val pixels {100 * min_accuracy:.0f}% right: adaptation skipped "
+              "(the ensemble's soft labels are too unreliable; lower adapt_min_accuracy or set adapt_threshold)")
+        return None
+    print(f"{len(images)} unlabelled images of the new desert ({adapt}); their pixels join the soft term where the "
+          f"ensemble is at least {rule['threshold']:.2f} sure")
+    write_adaptation_record(ctx, adapt, images, rule)
+    launch(train_adapted_student, (ctx, scan, plan, config, alpha, temperature, beta, images, rule["threshold"]),
+           num_processes)
+    return read_adaptation_record(ctx.run)
+
+
+def rule_device(num_processes: int | None = None):
+    """Where notebook 05 measures the confidence rule before launching the adapted student's training:
+    the CPU when the launch will fork one process per GPU (they cannot use CUDA the notebook has
+    initialised, see `engine.launch`), else the default device."""
+    processes = num_processes if num_processes is not None else torch.cuda.device_count()
+    return torch.device("cpu") if processes > 1 else default_device()
+
+
+def adaptation_comparison(ctx, holdout_pairs, batch_size: int = 4) -> dict:
+    """Notebook 05's verdict on adaptation: the student with and without it, on val (the training
+    desert, each one's best history row) and on the held-out labelled images of the new desert.
+
+    Returns {"val": {name: best val mIoU}, "holdout": {name: scores} or None without held-out
+    images, "gain": the adapted student's held-out mIoU minus the plain one's (None without them)}.
+    """
+    names = ("student", ADAPTED_STUDENT)
+    val = {name: max(row["val_miou"] for row in read_json(ctx.run.require(f"models/{name}/history.json")))
+           for name in names}
+    holdout = None
+    if holdout_pairs:
+        models = {name: load_model(ctx.run.require(f"models/{name}/best.pt")) for name in names}
+        holdout = score_pairs(models, holdout_pairs, ctx.profile.image_size, batch_size)
+    gain = holdout[ADAPTED_STUDENT]["miou"] - holdout["student"]["miou"] if holdout else None
+    return {"val": val, "holdout": holdout, "gain": gain}
+
+
+def adaptation_lines(comparison: dict) -> str:
+    """The comparison as notebook 05 prints it: mIoU on val and on the held-out new desert, per class there."""
+    names = ("student", ADAPTED_STUDENT)
+    lines = [f"{'':<16}{'student':>9}{'adapted':>9}",
+             f"{'val mIoU':<16}" + "".join(f"{comparison['val'][name]:>9.3f}" for name in names)]
+    holdout = comparison["holdout"]
+    if holdout is None:
+        return "\n".join(lines + ["(no held-out labelled images of the new desert: give adapt_holdout to decide)"])
+    lines.append(f"{'held-out mIoU':<16}" + "".join(f"{holdout[name]['miou']:>9.3f}" for name in names))
+    for cls in holdout["student"]["per_class_iou"]:
+        values = [holdout[name]["per_class_iou"][cls] for name in names]
+        lines.append(f"  {cls:<14}" + "".join(f"{'-' if v is None else f'{v:.3f}':>9}" for v in values))
+    return "\n".join(lines)
 
 
 def score_pairs(predictors: dict, pairs, image_size, batch_size: int = 4, device=None) -> dict:
