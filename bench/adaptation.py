@@ -31,12 +31,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save_results  # noqa: E402
 
-from offroadseg import pipeline, synth, training  # noqa: E402
+from offroadseg import augment, pipeline, synth, training  # noqa: E402
 from offroadseg.checkpoints import load_model  # noqa: E402
 from offroadseg.classes import CLASS_NAMES  # noqa: E402
-from offroadseg.distill import confidence_lines  # noqa: E402
+from offroadseg.dataset import SegmentationDataset  # noqa: E402
+from offroadseg.distill import confidence_lines, confidence_table  # noqa: E402
 from offroadseg.profiles import DEMO  # noqa: E402
-from offroadseg.runs import ENSEMBLE_MEMBERS, project_root, run_dir  # noqa: E402
+from offroadseg.runs import ENSEMBLE_MEMBERS, project_root, read_ensemble, run_dir  # noqa: E402
 from offroadseg.scan import load_or_scan, usable_pairs  # noqa: E402
 
 
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--min-accuracy", type=float, default=training.MIN_KEPT_ACCURACY)
     parser.add_argument("--threshold", type=float, default=None, help="override the threshold the table chooses")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo profile's)")
+    parser.add_argument("--adapted-only", action="store_true",
+                        help="only the adapted students (e.g. another --threshold against an earlier run's plain ones)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch run folders")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -72,9 +75,9 @@ def main() -> None:
     data_root = project_root() / pipeline.DEMO_DATA
     synth.make_demo_desert(data_root, progress=False)
     plan = training.model_plan(DEMO, "student", epochs=args.epochs)
-    rows, rule, names = [], None, []
+    rows, rule, names, novel_table = [], None, [], None
     for seed in args.seeds:
-        for adapted in (True, False):  # the new path first: a fault shows in minutes
+        for adapted in (True,) if args.adapted_only else (True, False):  # the new path first: a fault shows early
             name = f"bench-adapt-s{seed}-{'on' if adapted else 'off'}"
             names.append(name)
             ctx = scratch_run(source, name, data_root)
@@ -84,6 +87,13 @@ def main() -> None:
                 if args.threshold is not None:
                     rule["threshold"] = args.threshold
                 print(confidence_lines(rule["table"], rule["threshold"]), flush=True)
+                # The same table on the held-out novel images, for the record only (the rule never reads it):
+                # how much less often the ensemble is right at the same confidence in the new desert.
+                ensemble = training.fuse(training.load_teachers(ctx), read_ensemble(ctx.run))
+                holdout = SegmentationDataset(training.adaptation_holdout(ctx, "demo"),
+                                              augment.eval_transform(DEMO.image_size))
+                novel_table = confidence_table(ensemble, training.loader(holdout, 8))
+                print("on the held-out novel images:\n" + confidence_lines(novel_table, rule["threshold"]), flush=True)
             images = training.adaptation_images(ctx, "demo") if adapted else []
             config = training.train_config(DEMO, plan, seed=seed)
             started = time.perf_counter()
@@ -107,7 +117,7 @@ def main() -> None:
     for name in CLASS_NAMES:
         print(f"{name:<15}" + "".join(f"  {_f(r['test_per_class'][name]):>7}" for r in rows))
     path = save_results("adaptation", rows, out=args.out, source=str(source), min_accuracy=args.min_accuracy,
-                        confidence_table=rule["table"], threshold=rule["threshold"],
+                        confidence_table=rule["table"], novel_confidence_table=novel_table, threshold=rule["threshold"],
                         command=" ".join(["python bench/adaptation.py", *sys.argv[1:]]))
     print(f"\nwritten: {path}")
     if not args.keep:

@@ -258,6 +258,12 @@ def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_acc
     out = capsys.readouterr().out
     assert "confidence >=" in out and "adaptation skipped" in out
     assert not ctx.run.model_dir("student_adapted").exists()
+    # An adapted student of an earlier run with adapt set is named when adaptation is now off (06 reports it).
+    ctx.run.model_dir("student_adapted").mkdir(parents=True)
+    tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt")
+    training.write_adaptation_record(ctx, folder, [], {"threshold": 0.5})
+    assert training.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
+    assert "from an earlier run of this notebook with adapt set stays" in capsys.readouterr().out
 
 
 def test_the_adaptation_verdict_compares_both_students_on_val_and_the_held_out_images(project):

@@ -367,6 +367,9 @@ def adapt_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     images = adaptation_images(ctx, adapt)
     if not images:
         print("adaptation: off (adapt=None); the student learns from the labelled train set alone")
+        if read_adaptation_record(ctx.run) is not None:
+            print(f"note: {ctx.rel(ctx.run.model_dir(ADAPTED_STUDENT))}/ from an earlier run of this notebook with adapt "
+                  "set stays, and notebook 06 reports it; delete that folder to drop it")
         return None
     rule = confidence_rule(ctx, scan, min_accuracy, device=rule_device(num_processes))
     if threshold is not None:
