@@ -267,12 +267,13 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     on_device = augment_on_device()
     cache_dir = cache_folder(ctx.run.dir)
     train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=cache_dir, on_device=on_device)
-    sample_weights = list(scan["sample_weights"])
+    sample_weights = scan["sample_weights"]
     if adapt_images:
         unlabelled = SegmentationDataset([(path, None) for path in adapt_images], train_set.transform,
                                          cache_size=train_set.cache_size, cache_dir=cache_dir)
+        labelled = list(sample_weights) if sample_weights is not None else [1.0] * len(train_set)
+        sample_weights = labelled + [float(np.mean(labelled))] * len(unlabelled)
         train_set = ConcatDataset([train_set, unlabelled])
-        sample_weights += [float(np.mean(sample_weights))] * len(unlabelled)
     history = fit(model, train_set, val_set, config, ctx.run.model_dir(role), loss_fn=segmentation_loss(scan),
                   sample_weights=sample_weights, step_loss=distiller.step_loss, progress=progress,
                   data_id=scan.get("fingerprint"),
