@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from offroadseg.checkpoints import load_checkpoint, load_model
-from offroadseg.distill import DistillationLoss, DistillationStudent, Distiller, FeatureProjections, cost_split
+from offroadseg.distill import (
+    DistillationLoss,
+    DistillationStudent,
+    Distiller,
+    FeatureProjections,
+    choose_threshold,
+    confidence_table,
+    cost_split,
+    soft_weights,
+)
 from offroadseg.engine import TrainConfig, fit
 from offroadseg.ensemble import Ensemble
 from offroadseg.models import build_model
@@ -81,6 +90,86 @@ def test_ignored_pixels_change_nothing():
         assert again[name].item() == pytest.approx(parts[name].item(), rel=1e-6), name
     # An all-ignored batch has no soft term (0, not NaN).
     assert loss.soft_loss(logits, torch.full_like(masks, 255), teacher).item() == 0.0
+
+
+# ------------------------------------------------------------ unlabelled images (adaptation)
+
+
+def test_soft_weights_keep_labelled_pixels_and_only_confident_pixels_of_unlabelled_images():
+    masks = torch.tensor([[[0, 255], [3, 4]], [[255, 255], [255, 255]]])  # a labelled image, an unlabelled one
+    confidence = torch.tensor([[[0.9, 0.9], [0.1, 0.1]], [[0.95, 0.5], [0.8, 0.7]]])
+    expected = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    assert torch.equal(soft_weights(masks, confidence, 0.8), expected)
+    # Without a threshold unlabelled pixels count nowhere (the behaviour without adaptation).
+    assert torch.equal(soft_weights(masks, None, None), (masks != 255).float())
+    with pytest.raises(ValueError, match="confidence"):
+        soft_weights(masks, None, 0.8)
+
+
+def test_a_batch_of_unlabelled_images_trains_only_the_soft_term_and_gives_a_finite_loss():
+    teachers, (images, _) = tiny_teachers(), batch()
+    unlabelled = torch.full((2, H, W), 255)
+    student = tiny_student()
+    model = DistillationStudent(student, teachers, layers=())
+    threshold = 0.0  # every pixel is confident enough: the soft term must be there
+    parts = Distiller(teachers, DistillationLoss(alpha=0.5, beta=0.0, confidence_threshold=threshold)).parts(
+        model, images, unlabelled)
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert parts["hard"].item() == 0.0 and parts["soft"].item() > 0
+    assert parts["total"].item() == pytest.approx(0.5 * parts["soft"].item(), rel=1e-6)
+    parts["total"].backward()
+    assert student.decoder.classifier.weight.grad.abs().sum() > 0
+    # The same batch without a threshold: nothing to learn from, a loss of 0 (not NaN, which skips the step).
+    plain = Distiller(teachers, DistillationLoss(alpha=0.5, beta=0.0)).parts(model, images, unlabelled)
+    assert plain["total"].item() == 0.0
+    # A threshold no pixel reaches keeps them all out again.
+    none_kept = Distiller(teachers, DistillationLoss(alpha=0.5, beta=0.0, confidence_threshold=1.0)).parts(
+        model, images, unlabelled)
+    assert none_kept["soft"].item() == 0.0
+
+
+def test_labelled_images_give_the_same_loss_with_or_without_a_threshold():
+    teachers, (images, masks) = tiny_teachers(), batch()
+    model = DistillationStudent(tiny_student(), teachers, layers=()).eval()
+    with_rule = Distiller(teachers, DistillationLoss(beta=0.0, confidence_threshold=0.7)).parts(model, images, masks)
+    without = Distiller(teachers, DistillationLoss(beta=0.0)).parts(model, images, masks)
+    for name in ("hard", "soft", "total"):
+        assert with_rule[name].item() == pytest.approx(without[name].item(), rel=1e-6), name
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'teacher' whose logits are given: the confidence table's arithmetic can be checked by hand."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so it has a device
+
+    def forward(self, x):
+        return self.logits[: len(x)]
+
+
+def test_confidence_table_counts_kept_pixels_and_their_accuracy():
+    # Four pixels: confidence ~0.99 right, ~0.99 wrong, ~0.5 right, ~0.5 (two classes tied) wrong; one ignored.
+    logits = torch.full((1, 10, 1, 5), -20.0)
+    logits[0, 1, 0, 0] = logits[0, 2, 0, 1] = 10.0
+    logits[0, 3, 0, 2] = logits[0, 4, 0, 2] = logits[0, 5, 0, 3] = logits[0, 6, 0, 3] = 10.0
+    logits[0, 3, 0, 2] += 1e-3  # the argmax of pixel 2 is 3, the truth
+    logits[0, 0, 0, 4] = 10.0
+    masks = torch.tensor([[[1, 3, 3, 3, 255]]])
+    table = confidence_table(Ensemble([FixedLogits(logits)]), [(torch.zeros(1, 3, 1, 5), masks)],
+                             levels=(0.9, 0.4), device="cpu")
+    assert [row["threshold"] for row in table] == [0.4, 0.9]
+    assert table[0] == {"threshold": 0.4, "kept": 1.0, "accuracy": 0.5}
+    assert table[1] == {"threshold": 0.9, "kept": 0.5, "accuracy": 0.5}
+
+
+def test_choose_threshold_takes_the_lowest_level_accurate_enough():
+    table = [{"threshold": 0.5, "kept": 0.98, "accuracy": 0.90}, {"threshold": 0.7, "kept": 0.9, "accuracy": 0.955},
+             {"threshold": 0.9, "kept": 0.7, "accuracy": 0.99}, {"threshold": 0.95, "kept": 0.0, "accuracy": None}]
+    assert choose_threshold(table, min_accuracy=0.95) == 0.7
+    assert choose_threshold(table, min_accuracy=0.98) == 0.9
+    assert choose_threshold(table, min_accuracy=0.999) is None
 
 
 def test_feature_term_is_scale_free_and_decreases_when_the_projections_learn():

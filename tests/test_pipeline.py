@@ -125,9 +125,8 @@ def _demo_marker(root):
 
     base = {"version": synth.GENERATOR_VERSION, "size": [960, 540], "seed": 0}
     write_json(root / synth.MARKER_NAME, {
-        "train": dict(base, domain="default", count=synth.DEMO_COUNTS["train"]),
-        "val": dict(base, domain="default", count=synth.DEMO_COUNTS["val"]),
-        "test": dict(base, domain="novel", count=synth.DEMO_COUNTS["test"]),
+        split: dict(base, domain="novel" if split in synth.NOVEL_SPLITS else "default", count=count)
+        for split, count in synth.DEMO_COUNTS.items()
     })
 
 

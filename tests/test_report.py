@@ -4,10 +4,11 @@ import pytest
 import torch
 from test_training import SIZE, start, tiny_checkpoint
 
-from offroadseg import evaluate, modelinfo, report
+from offroadseg import evaluate, modelinfo, report, training
 from offroadseg.checkpoints import load_model
+from offroadseg.classes import CLASS_NAMES
 from offroadseg.data import read_mask
-from offroadseg.files import read_json
+from offroadseg.files import read_json, write_json
 from offroadseg.metrics import confusion_matrix, scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,3 +65,31 @@ def test_write_run_metrics_adds_the_test_row_of_the_scored_model(project):
     assert read_json(ctx.run.dir / "metrics.json") == metrics
     assert metrics["exports"] == {"onnx": "exports/student.onnx"} and metrics["most_confused"][0]["truth"]
     assert [r["split"] for r in report.write_run_metrics(ctx, rows, {"student_tta": val}, None, {})["models"]] == ["val", "val"]
+
+
+def test_adaptation_rows_score_both_students_on_the_test_images_not_adapted_on(project):
+    ctx = start(project, "06_evaluate")
+    scan = read_json(ctx.run.scan)
+    student = student_of(ctx)
+    val = {"miou": 0.7, "pixel_acc": 0.9, "iou": [0.75, 0.8] + [None] * 8}
+    rows = [evaluate.metrics_row("student", val, 10, None, None, "val", "cpu", SIZE)]
+    ctx.run.model_dir("student_adapted").mkdir(parents=True)
+    tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt", seed=1)
+    off = report.adaptation_rows(ctx, scan, rows, device="cpu")  # no adaptation.json: adaptation was off
+    assert off["rows"] == [] and off["record"] is None and "adaptation off" in off["summary"]
+
+    write_json(ctx.run.model_dir("student_adapted") / "adaptation.json", {"adapt": "elsewhere", "images": ["/x/new.png"]})
+    on = report.adaptation_rows(ctx, scan, rows, device="cpu")
+    assert [(row["model"], row["split"]) for row in on["rows"]] == [
+        ("student_adapted", "val"), ("student", "test"), ("student_adapted", "test")]
+    assert on["test_images"] == 1 and on["left_out"] == 0
+    test_loader = training.loader(training.val_dataset(scan, SIZE, native_masks=True, split="test"), 2)
+    assert on["rows"][1]["miou"] == pytest.approx(evaluate.evaluate_model(student, test_loader, device="cpu")["miou"])
+    assert on["rows"][0]["params"] == 10 and set(on["rows"][2]["per_class_iou"]) == set(CLASS_NAMES)
+
+    # The test image the adapted student learnt from is never scored: here the only one, so no test rows.
+    write_json(ctx.run.model_dir("student_adapted") / "adaptation.json",
+               {"adapt": "test images", "images": [str(scan["splits"]["test"]["folder"]) + "/Color_Images/test000.png"]})
+    transductive = report.adaptation_rows(ctx, scan, rows, device="cpu")
+    assert [row["split"] for row in transductive["rows"]] == ["val"] and transductive["left_out"] == 1
+    assert "no test rows" in transductive["summary"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from offroadseg.classes import CLASS_NAMES, NUM_CLASSES, RAW_IDS
 from offroadseg.data import find_dataset, read_image, read_mask, read_raw_mask
-from offroadseg.synth import DEMO_COUNTS, MARKER_NAME, make_demo_desert, make_desert
+from offroadseg.synth import DEMO_COUNTS, MARKER_NAME, make_demo_desert, make_desert, split_folder
 
 SIZE = (480, 270)
 COUNTS = {"train": 20, "val": 10, "test": 6}
@@ -179,7 +179,29 @@ def test_bad_arguments_raise_value_error(tmp_path, kwargs):
 
 
 def test_demo_counts_shape():
-    assert set(DEMO_COUNTS) == {"train", "val", "test"}
+    assert set(DEMO_COUNTS) == {"train", "val", "test", "adapt", "novel_val"}
     assert all(isinstance(n, int) and n > 0 for n in DEMO_COUNTS.values())
     with pytest.raises(ValueError):
         make_demo_desert("/nonexistent", counts={"train": 1, "bogus": 1})
+
+
+def test_adaptation_splits_are_novel_unlabelled_and_never_the_test_images(tmp_path):
+    """adapt (images only) and novel_val (with masks) come from the novel desert, in their own folder that
+    find_dataset does not take for train, val or test; no adapt or novel_val image equals a test image."""
+    counts = {"train": 1, "val": 1, "test": 3, "adapt": 3, "novel_val": 2}
+    summary = make_demo_desert(tmp_path, counts=counts, size=(128, 72), workers=1, progress=False)
+    assert summary["generated"] == ["train", "val", "test", "adapt", "novel_val"]
+    assert find_dataset(tmp_path).summary() == {"train": 1, "val": 1, "test": 3}
+    adapt, novel_val = split_folder(tmp_path, "adapt"), split_folder(tmp_path, "novel_val")
+    assert adapt.parent.name == novel_val.parent.name == "Offroad_Segmentation_Adaptation"
+    adapt_images = sorted((adapt / "Color_Images").glob("*.png"))
+    assert [p.stem for p in adapt_images] == [f"synth_novel_adapt_{i:05d}" for i in range(3)]
+    assert not (adapt / "Segmentation").exists()  # unlabelled: no masks written
+    assert len(list((novel_val / "Segmentation").glob("*.png"))) == 2
+    test_images = [read_image(i).tobytes() for i, _ in find_dataset(tmp_path).test]
+    for path in adapt_images + sorted((novel_val / "Color_Images").glob("*.png")):
+        assert read_image(path).tobytes() not in test_images
+    marker = json.loads((tmp_path / MARKER_NAME).read_text())
+    assert marker["adapt"]["domain"] == marker["novel_val"]["domain"] == "novel"
+    again = make_demo_desert(tmp_path, counts=counts, size=(128, 72), workers=1, progress=False)
+    assert again["generated"] == []  # the unlabelled split counts as present without masks

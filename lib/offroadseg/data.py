@@ -231,6 +231,26 @@ def _pair_split(folder: Path) -> tuple[list[Pair], list[tuple[Path, str]]]:
     return pairs, problems
 
 
+def folder_pairs(folder: str | os.PathLike) -> list[Pair]:
+    """The (image, mask or None) pairs of one folder a user names: a split folder in the Duality layout
+    (holding Color_Images, with or without Segmentation), or a plain folder of images (no masks).
+
+    For notebook 05's `adapt` images (masks, if any, are dropped there) and a held-out labelled part
+    of a new desert. DataError when the folder is missing or holds no image.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (give a folder of images, or one holding {IMAGE_DIR}/)")
+    if (folder / IMAGE_DIR).is_dir():
+        pairs, _ = _pair_split(folder)
+    else:
+        images, _ = _files_by_stem(folder)
+        pairs = [(images[stem], None) for stem in sorted(images)]
+    if not pairs:
+        raise DataError(f"{folder}: no image ({', '.join(IMAGE_SUFFIXES)}) found there or in {folder / IMAGE_DIR}")
+    return pairs
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 

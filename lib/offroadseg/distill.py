@@ -18,6 +18,15 @@ The loss, per batch:
   softmax(z_s / T). The KL is summed over classes and averaged over the valid
   (non-ignore) pixels; T^2 keeps its gradient on the scale of the CE's
   (Hinton et al., 2015).
+- Unlabelled images (domain adaptation, notebook 05's `adapt`): a sample whose mask is all
+  ignore is an image without labels. The hard term skips it like any ignored pixel (a batch
+  of unlabelled images only has a hard term of 0, not NaN); with `confidence_threshold` set,
+  its pixels join the soft term where the ensemble is confident (its max class probability
+  at T = 1 at least the threshold, `soft_weights`), so the student learns the new desert from
+  the teachers' soft labels where they are likely right. `confidence_table` measures on
+  labelled val images how often the ensemble's argmax is right at each confidence level, and
+  `choose_threshold` picks the threshold from that table. Without a threshold (the default)
+  unlabelled pixels count nowhere, as before.
 - Feature matching (see `FeatureProjections`): for each teacher and each
   matched layer (default: the deepest encoder stage and the decoder's fused
   map, `features[-2:]` in `offroadseg.models`), the student's map is projected
@@ -41,7 +50,7 @@ its checkpoint rebuilds the student alone.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +58,17 @@ from torch import nn
 
 from .benchmark import time_fn
 from .classes import IGNORE_INDEX
-from .device import inference_autocast
+from .device import default_device, inference_autocast, on_device
 from .ensemble import Ensemble
 from .losses import CrossEntropyLoss
 
 # Which of the models' five feature maps are matched: the deepest encoder stage (what the
 # encoder understood) and the decoder's fused map (what the classifier reads).
 DEFAULT_LAYERS = (-2, -1)
+# The confidence levels `confidence_table` measures (the ensemble's max class probability at T = 1).
+CONFIDENCE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# `choose_threshold`'s default: the kept pixels of the training desert must be this often right.
+MIN_KEPT_ACCURACY = 0.95
 
 
 def _standardise(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -236,11 +249,15 @@ class DistillationLoss(nn.Module):
     counts as 0). The hard loss defaults to cross-entropy with the ignore
     index; pass e.g. a class-weighted `SegmentationLoss` instead. All terms in
     fp32. An all-ignored batch has a soft term of 0.
+
+    `confidence_threshold` (None: off) lets unlabelled images (all-ignore masks) into the soft
+    term where the teachers' `confidence` (their max class probability at T = 1, (N, H, W)) is at
+    least the threshold; see `soft_weights`.
     """
 
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0, beta: float = 0.5,
                  hard_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 ignore_index: int = IGNORE_INDEX):
+                 ignore_index: int = IGNORE_INDEX, confidence_threshold: float | None = None):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -248,39 +265,127 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if beta < 0:
             raise ValueError(f"beta must be non-negative, got {beta}")
+        if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1] (a probability) or None, got {confidence_threshold}")
         self.alpha, self.temperature, self.beta = float(alpha), float(temperature), float(beta)
         self.ignore_index = ignore_index
+        self.confidence_threshold = None if confidence_threshold is None else float(confidence_threshold)
         self.hard_loss = hard_loss if hard_loss is not None else CrossEntropyLoss(ignore_index=ignore_index)
 
-    def soft_loss(self, student_logits: torch.Tensor, masks: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-        """T^2 * KL(teacher_T || student_T), summed over classes, averaged over valid pixels."""
+    def soft_loss(self, student_logits: torch.Tensor, masks: torch.Tensor, teacher_probs: torch.Tensor,
+                  confidence: torch.Tensor | None = None) -> torch.Tensor:
+        """T^2 * KL(teacher_T || student_T), summed over classes, averaged over the pixels `soft_weights` keeps."""
         log_student = (student_logits.float() / self.temperature).log_softmax(dim=1)
         teacher_probs = teacher_probs.float()
         # xlogy: 0 * log 0 = 0 where a teacher gives a class zero probability.
         kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(dim=1)
-        valid = (masks != self.ignore_index).to(kl.dtype)
-        return self.temperature**2 * (kl * valid).sum() / valid.sum().clamp_min(1.0)
+        weights = soft_weights(masks, confidence, self.confidence_threshold, self.ignore_index).to(kl.dtype)
+        return self.temperature**2 * (kl * weights).sum() / weights.sum().clamp_min(1.0)
 
-    def parts(self, student_logits, masks, teacher_probs, feature_loss=None) -> dict[str, torch.Tensor]:
+    def parts(self, student_logits, masks, teacher_probs, feature_loss=None,
+              confidence=None) -> dict[str, torch.Tensor]:
         hard = self.hard_loss(student_logits, masks)
-        soft = self.soft_loss(student_logits, masks, teacher_probs)
+        soft = self.soft_loss(student_logits, masks, teacher_probs, confidence)
         feature = feature_loss.float() if feature_loss is not None else hard.new_zeros(())
         total = self.alpha * hard + (1.0 - self.alpha) * soft + self.beta * feature
         return {"hard": hard, "soft": soft, "feature": feature, "total": total}
 
-    def forward(self, student_logits, masks, teacher_probs, feature_loss=None) -> torch.Tensor:
-        return self.parts(student_logits, masks, teacher_probs, feature_loss)["total"]
+    def forward(self, student_logits, masks, teacher_probs, feature_loss=None, confidence=None) -> torch.Tensor:
+        return self.parts(student_logits, masks, teacher_probs, feature_loss, confidence)["total"]
+
+
+def unlabelled_samples(masks: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Bool (N,): the samples whose mask is all ignore, i.e. images without labels (`SegmentationDataset`
+    gives a pair without a mask an all-ignore mask)."""
+    return (masks == ignore_index).flatten(1).all(dim=1)
+
+
+def soft_weights(masks: torch.Tensor, confidence: torch.Tensor | None, threshold: float | None,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Float (N, H, W): which pixels the soft term averages over.
+
+    Labelled images: their valid (non-ignore) pixels, as always; their ignore pixels stay out
+    (a raw ID outside the class table is no pixel to learn anything about). Unlabelled images
+    (all-ignore masks): with a `threshold`, the pixels where the teachers' `confidence` is at
+    least the threshold; without one, none.
+    """
+    weights = (masks != ignore_index).float()
+    if threshold is None:
+        return weights
+    if confidence is None:
+        raise ValueError("a confidence threshold needs the teachers' confidence (Distiller.teacher_outputs "
+                         "computes it when the loss has a confidence_threshold)")
+    unlabelled = unlabelled_samples(masks, ignore_index)[:, None, None]
+    return torch.where(unlabelled, (confidence >= threshold).float(), weights)
+
+
+@torch.no_grad()
+def confidence_table(ensemble: Ensemble, loader: Iterable, levels: Sequence[float] = CONFIDENCE_LEVELS,
+                     device=None, ignore_index: int = IGNORE_INDEX) -> list[dict]:
+    """How often the ensemble's argmax is right where it is confident, measured on labelled images.
+
+    For each level t of `levels`: "kept", the share of the labelled pixels whose confidence (the
+    ensemble's max class probability at T = 1) is at least t, and "accuracy", the share of those
+    where the argmax equals the truth (None where none is kept). `loader` yields (images, masks) at
+    the model input size (the val loader). The rows are what `choose_threshold` reads: the table of
+    the training desert is the evidence for which soft labels to trust in the new one (where the
+    teachers are less often right at the same confidence; the threshold errs on the safe side).
+    """
+    device = default_device(device)
+    levels = sorted(float(level) for level in levels)
+    kept = torch.zeros(len(levels), dtype=torch.float64)
+    right = torch.zeros(len(levels), dtype=torch.float64)
+    total = 0
+    with on_device(ensemble, device):
+        for images, masks in loader:
+            images, masks = images.to(device), masks.to(device)
+            with inference_autocast(device):
+                probs = ensemble.probs(images).float()
+            confidence, predicted = probs.max(dim=1)
+            valid = masks != ignore_index
+            total += int(valid.sum())
+            correct = (predicted == masks) & valid
+            for index, level in enumerate(levels):
+                keep = valid & (confidence >= level)
+                kept[index] += int(keep.sum())
+                right[index] += int((correct & keep).sum())
+    return [{"threshold": level, "kept": float(kept[i] / total) if total else 0.0,
+             "accuracy": float(right[i] / kept[i]) if kept[i] else None} for i, level in enumerate(levels)]
+
+
+def choose_threshold(table: Sequence[dict], min_accuracy: float = MIN_KEPT_ACCURACY) -> float | None:
+    """The lowest threshold of a `confidence_table` whose kept pixels are at least `min_accuracy` right.
+
+    The lowest such one keeps the most pixels of the new desert for the student to learn from while
+    the soft labels it keeps are, on the training desert, that often right. None when no level is
+    that accurate: the ensemble's soft labels are then too unreliable to learn from unlabelled images.
+    """
+    good = [row["threshold"] for row in table if row["accuracy"] is not None and row["accuracy"] >= min_accuracy]
+    return min(good) if good else None
+
+
+def confidence_lines(table: Sequence[dict], chosen: float | None) -> str:
+    """The table as notebook 05 prints it, the chosen threshold marked."""
+    lines = ["confidence >=  kept pixels  argmax right"]
+    for row in table:
+        accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+        mark = "  <- chosen" if chosen is not None and row["threshold"] == chosen else ""
+        lines.append(f"{row['threshold']:>12.2f}  {100 * row['kept']:>10.1f}%  {accuracy:>12}{mark}")
+    return "\n".join(lines)
 
 
 class TeacherOutputs(NamedTuple):
-    """What the frozen teachers give one batch: ensemble probabilities at T, and each teacher's features.
+    """What the frozen teachers give one batch: ensemble probabilities at T, each teacher's features,
+    and (for a loss with a confidence threshold) the ensemble's confidence.
 
     `features[t]` is teacher t's list of five maps with None in place of the maps no projection
     matches: kept in position so `FeatureProjections` indexes it as the model's full list.
+    `confidence` (N, H, W): the ensemble's max class probability at T = 1, or None.
     """
 
     probs: torch.Tensor
     features: list[list[torch.Tensor]] | None
+    confidence: torch.Tensor | None = None
 
 
 class Distiller:
@@ -311,7 +416,8 @@ class Distiller:
     @torch.no_grad()
     def teacher_outputs(self, images: torch.Tensor, with_features: bool = True,
                         layers: Sequence[int] = DEFAULT_LAYERS) -> TeacherOutputs:
-        """The teachers' soft labels at the loss's temperature and (optionally) their feature maps.
+        """The teachers' soft labels at the loss's temperature, (optionally) their feature maps, and
+        their confidence when the loss has a confidence threshold.
 
         Only the maps of `layers` are kept (the others are None): they are held until the
         student's step ends, and all five maps of both teachers are about 0.7 GB more at
@@ -319,16 +425,22 @@ class Distiller:
         """
         # no_grad, not inference_mode: inference tensors may not be saved for the student's backward.
         self._to(images.device)
-        if not with_features:
+        with_confidence = self.loss.confidence_threshold is not None
+        if not with_features and not with_confidence:
             return TeacherOutputs(self.teachers.probs(images, self.loss.temperature), None)
         logits, features = [], []
         for member in self.teachers.members:
+            if not with_features:
+                logits.append(member(images))
+                continue
             member_logits, maps = member(images, return_features=True)
             keep = {layer % len(maps) for layer in layers}
             logits.append(member_logits)
             features.append([feature if index in keep else None for index, feature in enumerate(maps)])
             del maps  # the unused maps are freed before the next teacher runs
-        return TeacherOutputs(self.teachers.average(logits, self.loss.temperature), features)
+        confidence = self.teachers.average(logits).amax(dim=1) if with_confidence else None
+        return TeacherOutputs(self.teachers.average(logits, self.loss.temperature), features if with_features else None,
+                              confidence)
 
     def parts(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor,
               teacher: TeacherOutputs | None = None) -> dict[str, torch.Tensor]:
@@ -343,7 +455,7 @@ class Distiller:
             logits, feature_loss = model(images, teacher_features=teacher.features)
         else:
             logits, feature_loss = model(images), None
-        return self.loss.parts(logits, masks, teacher.probs, feature_loss)
+        return self.loss.parts(logits, masks, teacher.probs, feature_loss, teacher.confidence)
 
     def step_loss(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return self.parts(model, images, masks)["total"]

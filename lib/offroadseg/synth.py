@@ -1,14 +1,23 @@
 """A procedural desert in Duality's Falcon layout, for demos and tests without the real data.
 
     make_desert(root, counts={"train": 240, "val": 40, "test": 30}, size=(960, 540), seed=0, domain="default")
-    make_demo_desert(root)   # train/val in the "default" desert, test in a "novel" one
+    make_demo_desert(root)   # train/val in the "default" desert; test, adapt and novel_val in a "novel" one
 
 writes
 
     <root>/Offroad_Segmentation_Training_Dataset/{train,val}/{Color_Images,Segmentation}/<stem>.png
     <root>/Offroad_Segmentation_testImages/{Color_Images,Segmentation}/<stem>.png
 
-as RGB PNGs and single-channel 16-bit raw-ID masks, exactly like the real release.
+as RGB PNGs and single-channel 16-bit raw-ID masks, exactly like the real release. The demo
+desert adds two novel-desert splits for domain adaptation (notebook 05's `adapt`), in a folder
+of their own that `data.find_dataset` does not read as train, val or test:
+
+    <root>/Offroad_Segmentation_Adaptation/adapt/Color_Images/<stem>.png          images only, no masks
+    <root>/Offroad_Segmentation_Adaptation/novel_val/{Color_Images,Segmentation}/<stem>.png
+
+`adapt` stands for the challenge's unlabelled test images the student may learn from; `novel_val`
+is a small labelled held-out part of the new desert, to decide whether adapting helps. Neither
+is ever the test split: every image's generator is seeded by its own split (see below).
 
 What the scenes are built to be, and why:
 - All ten classes with the real imbalance: sky and landscape take well over half
@@ -62,11 +71,17 @@ GENERATOR_VERSION = 1
 MARKER_NAME = "synth_desert.json"
 TRAIN_DIR = "Offroad_Segmentation_Training_Dataset"
 TEST_DIR = "Offroad_Segmentation_testImages"
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+ADAPT_DIR = "Offroad_Segmentation_Adaptation"
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "adapt": 3, "novel_val": 4}
+# Splits written without masks: the unlabelled images of the new desert.
+UNLABELLED_SPLITS = frozenset({"adapt"})
+# The demo's splits from the novel desert (make_demo_desert): the test and the two adaptation splits.
+NOVEL_SPLITS = ("test", "adapt", "novel_val")
 DOMAIN_CODES = {"default": 0, "novel": 1}
 # The demo desert (notebooks' `demo` profile): sized so generation takes well under a minute
-# on 2 cores and two small models can each learn it in about 2 minutes of CPU training.
-DEMO_COUNTS = {"train": 240, "val": 40, "test": 30}
+# on 2 cores and two small models can each learn it in about 2 minutes of CPU training. `adapt`
+# (unlabelled) and `novel_val` (labelled, held out) are the novel desert's adaptation splits.
+DEMO_COUNTS = {"train": 240, "val": 40, "test": 30, "adapt": 48, "novel_val": 20}
 
 # Class indices, by name, for readability below.
 TREES, LUSH, GRASS, DRYBUSH, CLUTTER, FLOWERS, LOGS, ROCKS, LAND, SKY = range(NUM_CLASSES)
@@ -744,7 +759,16 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (960, 540), d
 
 
 def _split_dir(root: Path, split: str) -> Path:
-    return root / TEST_DIR if split == "test" else root / TRAIN_DIR / split
+    if split == "test":
+        return root / TEST_DIR
+    return root / (ADAPT_DIR if split in ("adapt", "novel_val") else TRAIN_DIR) / split
+
+
+def split_folder(root: str | os.PathLike, split: str) -> Path:
+    """The folder of a generated split (the one holding Color_Images), e.g. the demo's `adapt` images."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; splits are {list(SPLIT_CODES)}")
+    return _split_dir(Path(root).expanduser(), split)
 
 
 def _stem(split: str, domain: str, index: int) -> str:
@@ -761,7 +785,8 @@ def _write_one(job: tuple) -> str:
     folder = _split_dir(Path(root), split)
     stem = _stem(split, domain, index)
     write_image(folder / IMAGE_DIR / f"{stem}.png", rgb)
-    write_raw_mask(folder / MASK_DIR / f"{stem}.png", INDEX_TO_RAW[lab])
+    if split not in UNLABELLED_SPLITS:
+        write_raw_mask(folder / MASK_DIR / f"{stem}.png", INDEX_TO_RAW[lab])
     return stem
 
 
@@ -848,7 +873,8 @@ def make_desert(root: str | os.PathLike, counts: dict[str, int] | None = None, s
 
 def make_demo_desert(root: str | os.PathLike, counts: dict[str, int] | None = None, seed: int = 0, size: tuple[int, int] = (960, 540),
                      workers: int | None = None, progress: bool = True) -> dict:
-    """The demo data: train and val from the "default" desert, test from the "novel" one.
+    """The demo data: train and val from the "default" desert; test, adapt (images only) and
+    novel_val from the "novel" one.
 
     Testing on a desert the models never saw mirrors the challenge (its test images come
     from an unseen environment). Returns {"root", "counts", "generated", "skipped", "seconds"}.
@@ -856,7 +882,7 @@ def make_demo_desert(root: str | os.PathLike, counts: dict[str, int] | None = No
     counts = dict(DEMO_COUNTS if counts is None else counts)
     _check_args(counts, size, "default")
     seen = {k: counts.get(k, 0) for k in ("train", "val")}
-    novel = {"test": counts.get("test", 0)}
+    novel = {k: counts.get(k, 0) for k in NOVEL_SPLITS}
     a = make_desert(root, seen, size=size, seed=seed, domain="default", workers=workers, progress=progress)
     b = make_desert(root, novel, size=size, seed=seed, domain="novel", workers=workers, progress=progress)
     return {
@@ -876,9 +902,8 @@ def is_demo_desert(root: str | os.PathLike) -> bool:
     """
     marker = _read_marker(Path(root).expanduser() / MARKER_NAME)
     base = {"version": GENERATOR_VERSION, "size": [960, 540], "seed": 0}
-    wanted = {"train": dict(base, domain="default", count=DEMO_COUNTS["train"]),
-              "val": dict(base, domain="default", count=DEMO_COUNTS["val"]),
-              "test": dict(base, domain="novel", count=DEMO_COUNTS["test"])}
+    wanted = {split: dict(base, domain="novel" if split in NOVEL_SPLITS else "default", count=count)
+              for split, count in DEMO_COUNTS.items()}
     return all(marker.get(split) == record for split, record in wanted.items())
 
 
@@ -916,7 +941,9 @@ def _read_marker(path: Path) -> dict:
 
 def _files_present(root: Path, split: str, stems: list[str]) -> bool:
     folder = _split_dir(root, split)
-    return all((folder / IMAGE_DIR / f"{s}.png").is_file() and (folder / MASK_DIR / f"{s}.png").is_file() for s in stems)
+    masks = split not in UNLABELLED_SPLITS
+    return all((folder / IMAGE_DIR / f"{s}.png").is_file() and (not masks or (folder / MASK_DIR / f"{s}.png").is_file())
+               for s in stems)
 
 
 def _remove_generated(root: Path, split: str, keep: set[str]) -> None:
