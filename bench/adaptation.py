@@ -3,7 +3,7 @@
 For each seed, the demo student is distilled twice from the same trained teachers and ensemble:
 without adaptation (notebook 05 as it is) and with the demo desert's unlabelled `adapt` images
 (the novel desert, never the test images) in the soft term where the ensemble is confident, the
-threshold chosen from the confidence table on val (`training.confidence_rule`). Each student
+threshold chosen from the confidence table on val (`adaptation.confidence_rule`). Each student
 (best.pt, chosen by val mIoU, no TTA) is scored at the masks' native size on
 
 - val: the training desert (what adapting costs there),
@@ -31,11 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save_results  # noqa: E402
 
-from offroadseg import augment, pipeline, synth, training  # noqa: E402
+from offroadseg import adaptation, augment, pipeline, synth, training  # noqa: E402
+from offroadseg.adaptation import confidence_lines, confidence_table  # noqa: E402
 from offroadseg.checkpoints import load_model  # noqa: E402
 from offroadseg.classes import CLASS_NAMES  # noqa: E402
 from offroadseg.dataset import SegmentationDataset  # noqa: E402
-from offroadseg.distill import confidence_lines, confidence_table  # noqa: E402
 from offroadseg.profiles import DEMO  # noqa: E402
 from offroadseg.runs import ENSEMBLE_MEMBERS, project_root, read_ensemble, run_dir  # noqa: E402
 from offroadseg.scan import load_or_scan, usable_pairs  # noqa: E402
@@ -83,18 +83,18 @@ def main() -> None:
             ctx = scratch_run(source, name, data_root)
             scan = load_or_scan(data_root, ctx.run.scan, progress=False)
             if rule is None:
-                rule = training.confidence_rule(ctx, scan, args.min_accuracy)
+                rule = adaptation.confidence_rule(ctx, scan, args.min_accuracy)
                 if args.threshold is not None:
                     rule["threshold"] = args.threshold
                 print(confidence_lines(rule["table"], rule["threshold"]), flush=True)
                 # The same table on the held-out novel images, for the record only (the rule never reads it):
                 # how much less often the ensemble is right at the same confidence in the new desert.
                 ensemble = training.fuse(training.load_teachers(ctx), read_ensemble(ctx.run))
-                holdout = SegmentationDataset(training.adaptation_holdout(ctx, "demo"),
+                holdout = SegmentationDataset(adaptation.adaptation_holdout(ctx, "demo"),
                                               augment.eval_transform(DEMO.image_size))
                 novel_table = confidence_table(ensemble, training.loader(holdout, 8))
                 print("on the held-out novel images:\n" + confidence_lines(novel_table, rule["threshold"]), flush=True)
-            images = training.adaptation_images(ctx, "demo") if adapted else []
+            images = adaptation.adaptation_images(ctx, "demo") if adapted else []
             config = training.train_config(DEMO, plan, seed=seed)
             started = time.perf_counter()
             training.train_student(ctx, scan, plan, config, progress=False, adapt_images=images,
@@ -102,7 +102,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             student = load_model(ctx.run.model_dir("student") / "best.pt")
             splits = {"val": usable_pairs(scan, "val"), "test": usable_pairs(scan, "test"),
-                      "novel_val": training.adaptation_holdout(ctx, "demo")}
+                      "novel_val": adaptation.adaptation_holdout(ctx, "demo")}
             row = {"seed": seed, "adapted": adapted, "threshold": rule["threshold"] if adapted else None,
                    "adapt_images": len(images), "train_seconds": round(seconds, 1)}
             for split, pairs in splits.items():

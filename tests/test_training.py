@@ -4,7 +4,7 @@ their ensemble as 04-06 load them, and the scoring and comparison cells of 04-06
 import pytest
 import torch
 
-from offroadseg import benchmark, pipeline, runs, training
+from offroadseg import adaptation, benchmark, pipeline, runs, training
 from offroadseg.checkpoints import save_checkpoint
 from offroadseg.data import DataError
 from offroadseg.ensemble import Ensemble, TestTimeAugmentation
@@ -201,19 +201,19 @@ def unlabelled_folder(root, count: int = 3):
 
 def test_adaptation_images_come_from_a_folder_or_the_demo_desert_only(project, tmp_path):
     ctx = start(project, "05_distill")
-    assert training.adaptation_images(ctx, None) == []
+    assert adaptation.adaptation_images(ctx, None) == []
     folder = unlabelled_folder(tmp_path / "new_desert")
-    assert [path.name for path in training.adaptation_images(ctx, str(folder))] == ["new000.png", "new001.png",
+    assert [path.name for path in adaptation.adaptation_images(ctx, str(folder))] == ["new000.png", "new001.png",
                                                                                    "new002.png"]
     with pytest.raises(DataError, match="not the generated demo desert"):
-        training.adaptation_images(ctx, "demo")
+        adaptation.adaptation_images(ctx, "demo")
     with pytest.raises(DataError, match="no such folder"):
-        training.adaptation_images(ctx, str(tmp_path / "missing"))
+        adaptation.adaptation_images(ctx, str(tmp_path / "missing"))
     # Held-out images to decide on must have masks; without a holdout (and off the demo) there are none.
-    assert training.adaptation_holdout(ctx, str(folder)) == []
+    assert adaptation.adaptation_holdout(ctx, str(folder)) == []
     with pytest.raises(DataError, match="masks"):
-        training.adaptation_holdout(ctx, str(folder), holdout=str(folder))
-    labelled = training.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
+        adaptation.adaptation_holdout(ctx, str(folder), holdout=str(folder))
+    labelled = adaptation.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
     assert [(image.name, mask.name) for image, mask in labelled] == [("test000.png", "test000.png")]
 
 
@@ -222,24 +222,24 @@ def test_the_adapted_student_trains_on_train_plus_the_unlabelled_images(project,
     ctx = start(project, "05_distill")
     trained_run(ctx)
     scan = read_json(ctx.run.scan)
-    images = training.adaptation_images(ctx, str(unlabelled_folder(tmp_path / "new_desert")))
+    images = adaptation.adaptation_images(ctx, str(unlabelled_folder(tmp_path / "new_desert")))
     plan = training.model_plan(DEMO, "student", name=TINY["name"], options=TINY["options"], epochs=1, batch_size=2)
     config = training.train_config(DEMO, plan, precision="fp32")
     with pytest.raises(ValueError, match="confidence_threshold"):
         training.train_student(ctx, scan, plan, config, beta=0.0, progress=False, adapt_images=images)
-    rule = training.confidence_rule(ctx, scan, min_accuracy=0.0)
+    rule = adaptation.confidence_rule(ctx, scan, min_accuracy=0.0)
     assert [row["threshold"] for row in rule["table"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
     # Untrained teachers: near-uniform over ten classes, never 50% sure: no level keeps a pixel, none is chosen.
     assert all(row["kept"] == 0 and row["accuracy"] is None for row in rule["table"]) and rule["threshold"] is None
     rule["threshold"] = 0.05  # every pixel then counts
-    history = training.train_adapted_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, images, rule["threshold"])
+    history = adaptation.train_adapted_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, images, rule["threshold"])
     assert len(history) == 1 and history[0]["skipped_steps"] == 0
     checkpoint = torch.load(ctx.run.model_dir("student_adapted") / "best.pt", weights_only=False)
     assert checkpoint["setup"]["train_samples"] == 4 + 3  # the train pairs and the unlabelled images
     assert not (ctx.run.model_dir("student") / "last.pt").exists()  # the plain student is left alone
-    assert training.read_adaptation_record(ctx.run) is None  # no record written yet
-    training.write_adaptation_record(ctx, "new_desert", images, rule)
-    record = training.read_adaptation_record(ctx.run)
+    assert adaptation.read_adaptation_record(ctx.run) is None  # no record written yet
+    adaptation.write_adaptation_record(ctx, "new_desert", images, rule)
+    record = adaptation.read_adaptation_record(ctx.run)
     assert record["images"] == [str(path) for path in images] and record["threshold"] == 0.05
 
 
@@ -250,19 +250,19 @@ def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_acc
     scan = read_json(ctx.run.scan)
     plan = training.model_plan(DEMO, "student", name=TINY["name"], options=TINY["options"], epochs=1, batch_size=2)
     config = training.train_config(DEMO, plan, precision="fp32")
-    assert training.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
+    assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
     assert "adaptation: off (adapt=None)" in capsys.readouterr().out
     folder = str(unlabelled_folder(tmp_path / "new_desert"))
     # Untrained teachers are never 50% sure: no level qualifies, nothing is trained or recorded.
-    assert training.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, folder, min_accuracy=0.5) is None
+    assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, folder, min_accuracy=0.5) is None
     out = capsys.readouterr().out
     assert "confidence >=" in out and "adaptation skipped" in out
     assert not ctx.run.model_dir("student_adapted").exists()
     # An adapted student of an earlier run with adapt set is named when adaptation is now off (06 reports it).
     ctx.run.model_dir("student_adapted").mkdir(parents=True)
     tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt")
-    training.write_adaptation_record(ctx, folder, [], {"threshold": 0.5})
-    assert training.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
+    adaptation.write_adaptation_record(ctx, folder, [], {"threshold": 0.5})
+    assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
     assert "from an earlier run of this notebook with adapt set stays" in capsys.readouterr().out
 
 
@@ -273,13 +273,13 @@ def test_the_adaptation_verdict_compares_both_students_on_val_and_the_held_out_i
     tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt", seed=5)
     for name, best in (("student", 0.6), ("student_adapted", 0.55)):
         write_json(ctx.run.model_dir(name) / "history.json", [{"val_miou": 0.1}, {"val_miou": best}])
-    holdout = training.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
-    comparison = training.adaptation_comparison(ctx, holdout)
+    holdout = adaptation.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
+    comparison = adaptation.adaptation_comparison(ctx, holdout)
     assert comparison["val"] == {"student": 0.6, "student_adapted": 0.55}
     scored = {name: comparison["holdout"][name]["miou"] for name in ("student", "student_adapted")}
     assert comparison["gain"] == pytest.approx(scored["student_adapted"] - scored["student"])
-    text = training.adaptation_lines(comparison)
+    text = adaptation.adaptation_lines(comparison)
     assert "held-out mIoU" in text and "Sky" in text
-    without = training.adaptation_comparison(ctx, [])
+    without = adaptation.adaptation_comparison(ctx, [])
     assert without["holdout"] is None and without["gain"] is None
-    assert "give adapt_holdout" in training.adaptation_lines(without)
+    assert "give adapt_holdout" in adaptation.adaptation_lines(without)

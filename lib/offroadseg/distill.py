@@ -23,9 +23,9 @@ The loss, per batch:
   of unlabelled images only has a hard term of 0, not NaN); with `confidence_threshold` set,
   its pixels join the soft term where the ensemble is confident (its max class probability
   at T = 1 at least the threshold, `soft_weights`), so the student learns the new desert from
-  the teachers' soft labels where they are likely right. `confidence_table` measures on
-  labelled val images how often the ensemble's argmax is right at each confidence level, and
-  `choose_threshold` picks the threshold from that table. Without a threshold (the default)
+  the teachers' soft labels where they are likely right. `adaptation.confidence_table` measures
+  on labelled val images how often the ensemble's argmax is right at each confidence level, and
+  `adaptation.choose_threshold` picks the threshold from that table. Without a threshold (the default)
   unlabelled pixels count nowhere, as before.
 - Feature matching (see `FeatureProjections`): for each teacher and each
   matched layer (default: the deepest encoder stage and the decoder's fused
@@ -50,7 +50,7 @@ its checkpoint rebuilds the student alone.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,17 +58,13 @@ from torch import nn
 
 from .benchmark import time_fn
 from .classes import IGNORE_INDEX
-from .device import default_device, inference_autocast, on_device
+from .device import inference_autocast
 from .ensemble import Ensemble
 from .losses import CrossEntropyLoss
 
 # Which of the models' five feature maps are matched: the deepest encoder stage (what the
 # encoder understood) and the decoder's fused map (what the classifier reads).
 DEFAULT_LAYERS = (-2, -1)
-# The confidence levels `confidence_table` measures (the ensemble's max class probability at T = 1).
-CONFIDENCE_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-# `choose_threshold`'s default: the kept pixels of the training desert must be this often right.
-MIN_KEPT_ACCURACY = 0.95
 
 
 def _standardise(features: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -317,61 +313,6 @@ def soft_weights(masks: torch.Tensor, confidence: torch.Tensor | None, threshold
                          "computes it when the loss has a confidence_threshold)")
     unlabelled = unlabelled_samples(masks, ignore_index)[:, None, None]
     return torch.where(unlabelled, (confidence >= threshold).float(), weights)
-
-
-@torch.no_grad()
-def confidence_table(ensemble: Ensemble, loader: Iterable, levels: Sequence[float] = CONFIDENCE_LEVELS,
-                     device=None, ignore_index: int = IGNORE_INDEX) -> list[dict]:
-    """How often the ensemble's argmax is right where it is confident, measured on labelled images.
-
-    For each level t of `levels`: "kept", the share of the labelled pixels whose confidence (the
-    ensemble's max class probability at T = 1) is at least t, and "accuracy", the share of those
-    where the argmax equals the truth (None where none is kept). `loader` yields (images, masks) at
-    the model input size (the val loader). The rows are what `choose_threshold` reads: the table of
-    the training desert is the evidence for which soft labels to trust in the new one (where the
-    teachers are less often right at the same confidence; the threshold errs on the safe side).
-    """
-    device = default_device(device)
-    levels = sorted(float(level) for level in levels)
-    kept = torch.zeros(len(levels), dtype=torch.float64)
-    right = torch.zeros(len(levels), dtype=torch.float64)
-    total = 0
-    with on_device(ensemble, device):
-        for images, masks in loader:
-            images, masks = images.to(device), masks.to(device)
-            with inference_autocast(device):
-                probs = ensemble.probs(images).float()
-            confidence, predicted = probs.max(dim=1)
-            valid = masks != ignore_index
-            total += int(valid.sum())
-            correct = (predicted == masks) & valid
-            for index, level in enumerate(levels):
-                keep = valid & (confidence >= level)
-                kept[index] += int(keep.sum())
-                right[index] += int((correct & keep).sum())
-    return [{"threshold": level, "kept": float(kept[i] / total) if total else 0.0,
-             "accuracy": float(right[i] / kept[i]) if kept[i] else None} for i, level in enumerate(levels)]
-
-
-def choose_threshold(table: Sequence[dict], min_accuracy: float = MIN_KEPT_ACCURACY) -> float | None:
-    """The lowest threshold of a `confidence_table` whose kept pixels are at least `min_accuracy` right.
-
-    The lowest such one keeps the most pixels of the new desert for the student to learn from while
-    the soft labels it keeps are, on the training desert, that often right. None when no level is
-    that accurate: the ensemble's soft labels are then too unreliable to learn from unlabelled images.
-    """
-    good = [row["threshold"] for row in table if row["accuracy"] is not None and row["accuracy"] >= min_accuracy]
-    return min(good) if good else None
-
-
-def confidence_lines(table: Sequence[dict], chosen: float | None) -> str:
-    """The table as notebook 05 prints it, the chosen threshold marked."""
-    lines = ["confidence >=  kept pixels  argmax right"]
-    for row in table:
-        accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-        mark = "  <- chosen" if chosen is not None and row["threshold"] == chosen else ""
-        lines.append(f"{row['threshold']:>12.2f}  {100 * row['kept']:>10.1f}%  {accuracy:>12}{mark}")
-    return "\n".join(lines)
 
 
 class TeacherOutputs(NamedTuple):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import evaluate, modelinfo, quantize, training
+from . import adaptation, evaluate, modelinfo, quantize, training
 from . import export as onnx_export
 from .checkpoints import load_model
 from .scan import usable_pairs
@@ -49,15 +49,15 @@ def adaptation_rows(ctx, scan: dict, rows: list[dict], device=None, batch_size: 
     (`rows`' "student" val row). Returns {"rows", "record" (adaptation.json, None: adaptation was off),
     "left_out" (test images left out), "test_images" (scored), "summary" (what the notebook prints)}.
     """
-    record = training.read_adaptation_record(ctx.run)
+    record = adaptation.read_adaptation_record(ctx.run)
     if record is None:
         return {"rows": [], "record": None, "left_out": 0, "test_images": 0,
                 "summary": "adaptation off in this run (notebook 05 ran with adapt=None): no student_adapted rows"}
     student_row = next(row for row in rows if row["model"] == "student" and row["split"] == "val")
-    adapted = load_model(ctx.run.require(f"models/{training.ADAPTED_STUDENT}/best.pt"))
+    adapted = load_model(ctx.run.require(f"models/{adaptation.ADAPTED_STUDENT}/best.pt"))
     val = training.score_pairs({"adapted": adapted}, usable_pairs(scan, "val"), ctx.profile.image_size, batch_size,
                                device)["adapted"]
-    out = [{**evaluate.split_row(student_row, val, "val"), "model": training.ADAPTED_STUDENT}]
+    out = [{**evaluate.split_row(student_row, val, "val"), "model": adaptation.ADAPTED_STUDENT}]
     lines = [f"student_adapted on val (the training desert): mIoU {val['miou']:.3f} "
              f"(student {student_row['miou']:.3f})"]
     seen = {Path(image).stem for image in record["images"]}
@@ -65,13 +65,13 @@ def adaptation_rows(ctx, scan: dict, rows: list[dict], device=None, batch_size: 
     held_out = [pair for pair in test_pairs if pair[0].stem not in seen]
     if held_out and held_out[0][1] is not None:
         student = load_model(ctx.run.require("models/student/best.pt"))
-        scores = training.score_pairs({"student": student, training.ADAPTED_STUDENT: adapted}, held_out,
+        scores = training.score_pairs({"student": student, adaptation.ADAPTED_STUDENT: adapted}, held_out,
                                       ctx.profile.image_size, batch_size, device)
         for name, result in scores.items():
             out.append({**evaluate.split_row(student_row, result, "test"), "model": name})
         lines.append(f"on {len(held_out)} test images (novel desert; {len(test_pairs) - len(held_out)} adaptation "
                      f"images left out): student mIoU {scores['student']['miou']:.3f}, student_adapted "
-                     f"{scores[training.ADAPTED_STUDENT]['miou']:.3f}")
+                     f"{scores[adaptation.ADAPTED_STUDENT]['miou']:.3f}")
     else:
         lines.append("the test split has no masks (or every test image was adapted on): no test rows")
     return {"rows": out, "record": record, "left_out": len(test_pairs) - len(held_out), "test_images": len(held_out),
