@@ -1,21 +1,24 @@
 """Does the student gain on the new desert from its unlabelled images? Measured on the demo, over seeds.
 
-For each seed, the demo student is distilled twice from the same trained teachers and ensemble:
-without adaptation (notebook 05 as it is) and with the demo desert's unlabelled `adapt` images
-(the novel desert, never the test images) in the soft term where the ensemble is confident, the
-threshold chosen from the confidence table on val (`adaptation.confidence_rule`). Each student
-(best.pt, chosen by val mIoU, no TTA) is scored at the masks' native size on
+For each seed, from the same trained teachers and ensemble (a source run's), three students:
 
-- val: the training desert (what adapting costs there),
-- novel_val: the held-out labelled novel images notebook 05 decides on,
-- test: the novel test split notebook 06 scores,
+- plain: the demo student, distilled as notebook 05 does (seeded with the seed),
+- adapted: the plain one fine-tuned as notebook 05's adaptation does (`adaptation.adapted_plan`,
+  `adapted_config`: train set plus the demo desert's 48 unlabelled `adapt` images in the soft term
+  where the ensemble is confident, the threshold chosen on val), best epoch chosen on `novel_val`,
+- control: the same fine-tune without the unlabelled images, so that a gain of "adapted" over
+  "plain" that is only the extra epochs shows as a gain of "control" too.
 
-per class. Nothing here is run by the tests: a run takes minutes per student on a CPU.
+Each student (best.pt, no TTA) is scored at the masks' native size on val (the training desert:
+what adapting costs there), novel_val (the held-out labelled novel images notebook 05 decides
+on; the fine-tunes chose their epoch on it, so it leans their way) and test (the novel test split
+notebook 06 scores: the unbiased figure), per class. Nothing here is run by the tests: a seed
+takes about 5 minutes on a 2-core CPU.
 
-    PYTHONPATH=lib python bench/adaptation.py --source outputs/demo [--seeds 0 1] [--min-accuracy 0.95]
+    PYTHONPATH=lib python bench/adaptation.py --source outputs/demo [--seeds 0 1 2] [--epochs N]
 
 `--source` is a run folder with the demo's trained teachers and ensemble.json (notebooks 01-04
-of `./run_all.sh`); its teachers are copied into scratch run folders outputs/bench-adapt-*/ (removed
+of `./run_all.sh`); its teachers are copied into scratch run folders outputs/bench-adapt-s*/ (removed
 afterwards unless --keep), its own files are not touched. The data is this checkout's
 data/demo_desert (generated, with the adaptation splits, when missing).
 """
@@ -36,9 +39,12 @@ from offroadseg.adaptation import confidence_lines, confidence_table  # noqa: E4
 from offroadseg.checkpoints import load_model  # noqa: E402
 from offroadseg.classes import CLASS_NAMES  # noqa: E402
 from offroadseg.dataset import SegmentationDataset  # noqa: E402
+from offroadseg.files import read_json  # noqa: E402
 from offroadseg.profiles import DEMO  # noqa: E402
 from offroadseg.runs import ENSEMBLE_MEMBERS, project_root, read_ensemble, run_dir  # noqa: E402
 from offroadseg.scan import load_or_scan, usable_pairs  # noqa: E402
+
+CONTROL = "student_control"  # the fine-tune without the unlabelled images
 
 
 def scratch_run(source: Path, name: str, data_root: Path) -> pipeline.Context:
@@ -58,15 +64,32 @@ def per_class(result: dict) -> dict:
     return {name: (None if value is None else round(value, 4)) for name, value in result["per_class_iou"].items()}
 
 
+def scores_row(ctx, scan, role: str, seed: int, variant: str, seconds: float) -> dict:
+    """The student of models/<role>/ scored on val, novel_val and test at native mask size."""
+    student = load_model(ctx.run.model_dir(role) / "best.pt")
+    history = read_json(ctx.run.model_dir(role) / "history.json")
+    best = max(history, key=lambda row: row["val_miou"])
+    row = {"seed": seed, "variant": variant, "train_seconds": round(seconds, 1), "epochs": len(history),
+           "best_epoch": best["epoch"]}
+    splits = {"val": usable_pairs(scan, "val"), "novel_val": adaptation.adaptation_holdout(ctx, "demo"),
+              "test": usable_pairs(scan, "test")}
+    for split, pairs in splits.items():
+        result = training.score_pairs({"student": student}, pairs, DEMO.image_size)["student"]
+        row[f"{split}_miou"] = round(result["miou"], 4)
+        row[f"{split}_per_class"] = per_class(result)
+    print(f"seed {seed} {variant:<8}: val {row['val_miou']:.3f}  novel_val {row['novel_val_miou']:.3f}  "
+          f"test {row['test_miou']:.3f}  ({seconds:.0f} s, best epoch {best['epoch']})", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default="outputs/demo", help="run folder with the trained teachers (01-04)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--min-accuracy", type=float, default=training.MIN_KEPT_ACCURACY)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--min-accuracy", type=float, default=adaptation.MIN_KEPT_ACCURACY)
     parser.add_argument("--threshold", type=float, default=None, help="override the threshold the table chooses")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo profile's)")
-    parser.add_argument("--adapted-only", action="store_true",
-                        help="only the adapted students (e.g. another --threshold against an earlier run's plain ones)")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: notebook 05's adapt_epochs)")
+    parser.add_argument("--no-control", action="store_true", help="skip the fine-tune without the unlabelled images")
     parser.add_argument("--keep", action="store_true", help="keep the scratch run folders")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -74,55 +97,68 @@ def main() -> None:
     source = Path(args.source).resolve()
     data_root = project_root() / pipeline.DEMO_DATA
     synth.make_demo_desert(data_root, progress=False)
-    plan = training.model_plan(DEMO, "student", epochs=args.epochs)
+    plan = training.model_plan(DEMO, "student")
+    tuned = adaptation.adapted_plan(plan, args.epochs)
     rows, rule, names, novel_table = [], None, [], None
     for seed in args.seeds:
-        for adapted in (True,) if args.adapted_only else (True, False):  # the new path first: a fault shows early
-            name = f"bench-adapt-s{seed}-{'on' if adapted else 'off'}"
-            names.append(name)
-            ctx = scratch_run(source, name, data_root)
-            scan = load_or_scan(data_root, ctx.run.scan, progress=False)
-            if rule is None:
-                rule = adaptation.confidence_rule(ctx, scan, args.min_accuracy)
-                if args.threshold is not None:
-                    rule["threshold"] = args.threshold
-                print(confidence_lines(rule["table"], rule["threshold"]), flush=True)
-                # The same table on the held-out novel images, for the record only (the rule never reads it):
-                # how much less often the ensemble is right at the same confidence in the new desert.
-                ensemble = training.fuse(training.load_teachers(ctx), read_ensemble(ctx.run))
-                holdout = SegmentationDataset(adaptation.adaptation_holdout(ctx, "demo"),
-                                              augment.eval_transform(DEMO.image_size))
-                novel_table = confidence_table(ensemble, training.loader(holdout, 8))
-                print("on the held-out novel images:\n" + confidence_lines(novel_table, rule["threshold"]), flush=True)
-            images = adaptation.adaptation_images(ctx, "demo") if adapted else []
-            config = training.train_config(DEMO, plan, seed=seed)
+        name = f"bench-adapt-s{seed}"
+        names.append(name)
+        ctx = scratch_run(source, name, data_root)
+        scan = load_or_scan(data_root, ctx.run.scan, progress=False)
+        holdout = adaptation.adaptation_holdout(ctx, "demo")
+        if rule is None:
+            rule = adaptation.confidence_rule(ctx, scan, args.min_accuracy)
+            if args.threshold is not None:
+                rule["threshold"] = args.threshold
+            print(confidence_lines(rule["table"], rule["threshold"]), flush=True)
+            # The same table on the held-out novel images, for the record only (the rule never reads it):
+            # how much less often the ensemble is right at the same confidence in the new desert.
+            ensemble = training.fuse(training.load_teachers(ctx), read_ensemble(ctx.run))
+            novel = SegmentationDataset(holdout, augment.eval_transform(DEMO.image_size))
+            novel_table = confidence_table(ensemble, training.loader(novel, 8))
+            print("on the held-out novel images:\n" + confidence_lines(novel_table, rule["threshold"]), flush=True)
+        config = training.train_config(DEMO, plan, seed=seed)
+        tuned_config = adaptation.adapted_config(config, tuned)
+        started = time.perf_counter()
+        training.train_student(ctx, scan, plan, config, progress=False)
+        rows.append(scores_row(ctx, scan, "student", seed, "plain", time.perf_counter() - started))
+        started = time.perf_counter()
+        adaptation.train_adapted_student(ctx, scan, tuned, tuned_config, 0.5, 2.0, 0.5,
+                                         adaptation.adaptation_images(ctx, "demo"), rule["threshold"], holdout)
+        rows.append(scores_row(ctx, scan, adaptation.ADAPTED_STUDENT, seed, "adapted", time.perf_counter() - started))
+        if not args.no_control:
             started = time.perf_counter()
-            training.train_student(ctx, scan, plan, config, progress=False, adapt_images=images,
-                                   confidence_threshold=rule["threshold"] if adapted else None)
-            seconds = time.perf_counter() - started
-            student = load_model(ctx.run.model_dir("student") / "best.pt")
-            splits = {"val": usable_pairs(scan, "val"), "test": usable_pairs(scan, "test"),
-                      "novel_val": adaptation.adaptation_holdout(ctx, "demo")}
-            row = {"seed": seed, "adapted": adapted, "threshold": rule["threshold"] if adapted else None,
-                   "adapt_images": len(images), "train_seconds": round(seconds, 1)}
-            for split, pairs in splits.items():
-                result = training.score_pairs({"student": student}, pairs, DEMO.image_size)["student"]
-                row[f"{split}_miou"] = round(result["miou"], 4)
-                row[f"{split}_per_class"] = per_class(result)
-            rows.append(row)
-            print(f"seed {seed} adapted {adapted}: val {row['val_miou']:.3f}  novel_val {row['novel_val_miou']:.3f}  "
-                  f"test {row['test_miou']:.3f}  ({seconds:.0f} s)", flush=True)
+            training.train_student(ctx, scan, tuned, tuned_config, progress=False, role=CONTROL, val_pairs=holdout)
+            rows.append(scores_row(ctx, scan, CONTROL, seed, "control", time.perf_counter() - started))
+    summary = summarise(rows)
     print("\nper class, test split (novel desert):")
-    print(f"{'class':<15}" + "".join(f"  s{r['seed']}-{'on ' if r['adapted'] else 'off'}" for r in rows))
+    print(f"{'class':<15}" + "".join(f"  s{r['seed']}-{r['variant'][:4]}" for r in rows))
     for name in CLASS_NAMES:
         print(f"{name:<15}" + "".join(f"  {_f(r['test_per_class'][name]):>7}" for r in rows))
+    print("\nmean over seeds, minus plain:")
+    for variant, gains in summary.items():
+        print(f"  {variant:<8}" + "  ".join(f"{split} {gain:+.3f}" for split, gain in gains.items()))
     path = save_results("adaptation", rows, out=args.out, source=str(source), min_accuracy=args.min_accuracy,
                         confidence_table=rule["table"], novel_confidence_table=novel_table, threshold=rule["threshold"],
+                        fine_tune_epochs=tuned.epochs, mean_gain_over_plain=summary,
                         command=" ".join(["python bench/adaptation.py", *sys.argv[1:]]))
     print(f"\nwritten: {path}")
     if not args.keep:
         for name in names:
             shutil.rmtree(run_dir(name).dir, ignore_errors=True)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean over seeds of each fine-tune's mIoU minus the plain student's of the same seed, per split."""
+    plain = {row["seed"]: row for row in rows if row["variant"] == "plain"}
+    out = {}
+    for variant in ("adapted", "control"):
+        tuned = [row for row in rows if row["variant"] == variant]
+        if tuned:
+            out[variant] = {split: round(sum(row[f"{split}_miou"] - plain[row["seed"]][f"{split}_miou"]
+                                             for row in tuned) / len(tuned), 4)
+                            for split in ("val", "novel_val", "test")}
+    return out
 
 
 def _f(value) -> str:

@@ -80,6 +80,7 @@ def test_adaptation_rows_score_both_students_on_the_test_images_not_adapted_on(p
 
     write_json(ctx.run.model_dir("student_adapted") / "adaptation.json", {"adapt": "elsewhere", "images": ["/x/new.png"]})
     on = report.adaptation_rows(ctx, scan, rows, device="cpu")
+    assert "per class IoU" in on["summary"] and "Sky" in on["summary"]
     assert [(row["model"], row["split"]) for row in on["rows"]] == [
         ("student_adapted", "val"), ("student", "test"), ("student_adapted", "test")]
     assert on["test_images"] == 1 and on["left_out"] == 0
@@ -93,3 +94,9 @@ def test_adaptation_rows_score_both_students_on_the_test_images_not_adapted_on(p
     transductive = report.adaptation_rows(ctx, scan, rows, device="cpu")
     assert [row["split"] for row in transductive["rows"]] == ["val"] and transductive["left_out"] == 1
     assert "no test rows" in transductive["summary"]
+    # Nor the held-out images it chose its epoch on (on the real data, a labelled part of the test images).
+    write_json(ctx.run.model_dir("student_adapted") / "adaptation.json",
+               {"adapt": "elsewhere", "images": ["/x/new.png"],
+                "holdout": [str(scan["splits"]["test"]["folder"]) + "/Color_Images/test000.png"]})
+    chosen_on = report.adaptation_rows(ctx, scan, rows, student, device="cpu")
+    assert [row["split"] for row in chosen_on["rows"]] == ["val"] and chosen_on["left_out"] == 1

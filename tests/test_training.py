@@ -4,14 +4,15 @@ their ensemble as 04-06 load them, and the scoring and comparison cells of 04-06
 import pytest
 import torch
 
-from offroadseg import adaptation, benchmark, pipeline, runs, training
-from offroadseg.checkpoints import save_checkpoint
+from offroadseg import adaptation, augment, benchmark, pipeline, runs, training
+from offroadseg.checkpoints import load_model, save_checkpoint
 from offroadseg.data import DataError
+from offroadseg.dataset import SegmentationDataset
 from offroadseg.ensemble import Ensemble, TestTimeAugmentation
 from offroadseg.evaluate import evaluate_model
 from offroadseg.files import read_json, write_json
 from offroadseg.models import build_model, count_parameters
-from offroadseg.profiles import DEMO
+from offroadseg.profiles import DEMO, FULL
 from offroadseg.scan import scan_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,9 +200,15 @@ def unlabelled_folder(root, count: int = 3):
     return root
 
 
-def test_adaptation_images_come_from_a_folder_or_the_demo_desert_only(project, tmp_path):
+def test_adaptation_images_come_from_a_folder_or_the_demo_desert_only(project, tmp_path, monkeypatch):
     ctx = start(project, "05_distill")
     assert adaptation.adaptation_images(ctx, None) == []
+    # "auto" (notebook 05's default) is the demo desert's adapt split there and off on any other data.
+    assert adaptation.resolve_adapt(ctx, "auto") is None and adaptation.adaptation_images(ctx, "auto") == []
+    assert adaptation.resolve_adapt(ctx, "none") is None and adaptation.resolve_adapt(ctx, "demo") == "demo"
+    with monkeypatch.context() as patch:
+        patch.setattr(adaptation.synth, "is_demo_desert", lambda root: True)
+        assert adaptation.resolve_adapt(ctx, "auto") == "demo"
     folder = unlabelled_folder(tmp_path / "new_desert")
     assert [path.name for path in adaptation.adaptation_images(ctx, str(folder))] == ["new000.png", "new001.png",
                                                                                    "new002.png"]
@@ -215,6 +222,22 @@ def test_adaptation_images_come_from_a_folder_or_the_demo_desert_only(project, t
         adaptation.adaptation_holdout(ctx, str(folder), holdout=str(folder))
     labelled = adaptation.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
     assert [(image.name, mask.name) for image, mask in labelled] == [("test000.png", "test000.png")]
+
+
+def test_the_adapted_plan_fine_tunes_the_distilled_student_for_a_share_of_its_epochs(project):
+    ctx = start(project, "05_distill")
+    trained_run(ctx)
+    plan = training.model_plan(DEMO, "student", name=TINY["name"], options=TINY["options"])
+    adapted = adaptation.adapted_plan(plan)
+    assert (adapted.init_from, adapted.epochs, adapted.lr) == ("student", 1, plan.lr)  # the demo's 3 epochs give 1
+    full = training.model_plan(FULL, "student")
+    assert adaptation.adapted_plan(full).epochs == 5 and adaptation.adapted_plan(plan, epochs=2).epochs == 2
+    config = adaptation.adapted_config(training.train_config(DEMO, plan), adapted)
+    assert config.epochs == 1 and config.warmup_epochs == adaptation.ADAPT_WARMUP_EPOCHS
+    # It starts from the distilled student's weights, not from the teacher the student started from.
+    start_weights = training.initial_student(ctx, adapted).state_dict()
+    student = torch.load(ctx.run.model_dir("student") / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(start_weights[key], value) for key, value in student.items())
 
 
 @pytest.mark.slow  # a real (tiny) training: ~5-9 s on 2 shared cores
@@ -232,15 +255,49 @@ def test_the_adapted_student_trains_on_train_plus_the_unlabelled_images(project,
     # Untrained teachers: near-uniform over ten classes, never 50% sure: no level keeps a pixel, none is chosen.
     assert all(row["kept"] == 0 and row["accuracy"] is None for row in rule["table"]) and rule["threshold"] is None
     rule["threshold"] = 0.05  # every pixel then counts
-    history = adaptation.train_adapted_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, images, rule["threshold"])
+    holdout = adaptation.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
+    history = adaptation.train_adapted_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, images, rule["threshold"],
+                                               holdout)
     assert len(history) == 1 and history[0]["skipped_steps"] == 0
     checkpoint = torch.load(ctx.run.model_dir("student_adapted") / "best.pt", weights_only=False)
     assert checkpoint["setup"]["train_samples"] == 4 + 3  # the train pairs and the unlabelled images
     assert not (ctx.run.model_dir("student") / "last.pt").exists()  # the plain student is left alone
+    # Its epochs are scored (and the best chosen) on the held-out images, not on val.
+    adapted = load_model(ctx.run.model_dir("student_adapted") / "best.pt")
+    loss = training.segmentation_loss(scan)
+    on = {name: evaluate_model(adapted, training.loader(dataset, 2), device="cpu", loss_fn=loss)["loss"]
+          for name, dataset in (("holdout", SegmentationDataset(holdout, augment.eval_transform(SIZE))),
+                                ("val", training.val_dataset(scan, SIZE)))}
+    assert on["holdout"] != pytest.approx(on["val"]) and history[0]["val_loss"] == pytest.approx(on["holdout"], rel=1e-4)
     assert adaptation.read_adaptation_record(ctx.run) is None  # no record written yet
-    adaptation.write_adaptation_record(ctx, "new_desert", images, rule)
+    write_json(ctx.run.model_dir("student") / "history.json", [{"epoch": 1, "val_miou": 0.1}, {"epoch": 2, "val_miou": 0.6}])
+    record = adaptation.adaptation_setup("new_desert", images, holdout, rule, plan, adaptation.student_start(ctx))
+    adaptation.write_adaptation_record(ctx, record)
     record = adaptation.read_adaptation_record(ctx.run)
     assert record["images"] == [str(path) for path in images] and record["threshold"] == 0.05
+    assert record["holdout"] == [str(holdout[0][0])] and record["selected_on"] == "holdout"
+    assert record["start"] == {"checkpoint": "models/student/best.pt", "epoch": 2, "val_miou": 0.6}
+
+
+@pytest.mark.slow  # a real (tiny) training: ~5-9 s on 2 shared cores
+def test_the_adaptation_cell_trains_records_and_refuses_other_images_over_its_student(project, tmp_path, capsys):
+    ctx = start(project, "05_distill")
+    trained_run(ctx)
+    write_json(ctx.run.model_dir("student") / "history.json", [{"epoch": 1, "val_miou": 0.3}])
+    scan = read_json(ctx.run.scan)
+    plan = training.model_plan(DEMO, "student", name=TINY["name"], options=TINY["options"], epochs=3, batch_size=2)
+    config = training.train_config(DEMO, plan, precision="fp32")
+    folder = str(unlabelled_folder(tmp_path / "new_desert"))
+    record = adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, folder, threshold=0.05)
+    out = capsys.readouterr().out
+    assert "3 unlabelled images" in out and "for 1 epoch(s)" in out and "on val (no held-out images" in out
+    assert record["epochs"] == 1 and record["selected_on"] == "val" and record["holdout"] == []
+    assert len(read_json(ctx.run.model_dir("student_adapted") / "history.json")) == 1
+    # The same images again: the finished student is reused; other images over it are refused, not mixed.
+    assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, folder, threshold=0.05) == record
+    other = str(unlabelled_folder(tmp_path / "other_desert", count=2))
+    with pytest.raises(DataError, match="other images"):
+        adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, other, threshold=0.05)
 
 
 def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_accurate_enough(project, tmp_path,
@@ -251,7 +308,9 @@ def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_acc
     plan = training.model_plan(DEMO, "student", name=TINY["name"], options=TINY["options"], epochs=1, batch_size=2)
     config = training.train_config(DEMO, plan, precision="fp32")
     assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
-    assert "adaptation: off (adapt=None)" in capsys.readouterr().out
+    assert "adaptation: off" in capsys.readouterr().out
+    assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, "auto") is None  # not the demo desert
+    assert "adaptation: off" in capsys.readouterr().out
     folder = str(unlabelled_folder(tmp_path / "new_desert"))
     # Untrained teachers are never 50% sure: no level qualifies, nothing is trained or recorded.
     assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, folder, min_accuracy=0.5) is None
@@ -261,7 +320,7 @@ def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_acc
     # An adapted student of an earlier run with adapt set is named when adaptation is now off (06 reports it).
     ctx.run.model_dir("student_adapted").mkdir(parents=True)
     tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt")
-    adaptation.write_adaptation_record(ctx, folder, [], {"threshold": 0.5})
+    adaptation.write_adaptation_record(ctx, {"adapt": folder, "images": [], "threshold": 0.5})
     assert adaptation.adapt_student(ctx, scan, plan, config, 0.5, 2.0, 0.0, None) is None
     assert "from an earlier run of this notebook with adapt set stays" in capsys.readouterr().out
 
@@ -269,17 +328,21 @@ def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_acc
 def test_the_adaptation_verdict_compares_both_students_on_val_and_the_held_out_images(project):
     ctx = start(project, "05_distill")
     trained_run(ctx)
+    scan = read_json(ctx.run.scan)
     ctx.run.model_dir("student_adapted").mkdir(parents=True)
     tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt", seed=5)
-    for name, best in (("student", 0.6), ("student_adapted", 0.55)):
-        write_json(ctx.run.model_dir(name) / "history.json", [{"val_miou": 0.1}, {"val_miou": best}])
     holdout = adaptation.adaptation_holdout(ctx, None, holdout=str(project / "data" / "Offroad_Segmentation_testImages"))
-    comparison = adaptation.adaptation_comparison(ctx, holdout)
-    assert comparison["val"] == {"student": 0.6, "student_adapted": 0.55}
+    comparison = adaptation.adaptation_comparison(ctx, scan, holdout)
+    val_native = training.loader(training.val_dataset(scan, SIZE, native_masks=True), 2)
+    adapted = load_model(ctx.run.model_dir("student_adapted") / "best.pt")
+    assert comparison["val"]["student_adapted"]["miou"] == pytest.approx(
+        evaluate_model(adapted, val_native, device="cpu")["miou"])  # scored now, at the masks' native size
     scored = {name: comparison["holdout"][name]["miou"] for name in ("student", "student_adapted")}
     assert comparison["gain"] == pytest.approx(scored["student_adapted"] - scored["student"])
+    assert comparison["helps"] == (comparison["gain"] > 0)
     text = adaptation.adaptation_lines(comparison)
     assert "held-out mIoU" in text and "Sky" in text
-    without = adaptation.adaptation_comparison(ctx, [])
-    assert without["holdout"] is None and without["gain"] is None
+    assert ("adapting helps" if comparison["helps"] else "adapting does not help") in text
+    without = adaptation.adaptation_comparison(ctx, scan, [])
+    assert without["holdout"] is None and without["gain"] is None and without["helps"] is None
     assert "give adapt_holdout" in adaptation.adaptation_lines(without)

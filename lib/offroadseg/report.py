@@ -3,7 +3,7 @@
 Each function is one notebook cell's work, so the cell holds a call and its prints:
 
     test = report.test_split(ctx, scan, models["student_tta"], device=device, batch_size=4)
-    adapted = report.adaptation_rows(ctx, scan, rows, device=device, batch_size=4)
+    adapted = report.adaptation_rows(ctx, scan, rows, student, device=device, batch_size=4)
     exports = report.export_student(ctx, scan, student, flips, batch_size=4)
     metrics = report.write_run_metrics(ctx, rows + adapted["rows"], results, test["result"], exports["record"])
 """
@@ -39,20 +39,23 @@ def test_split(ctx, scan: dict, predictor, device=None, batch_size: int = 4) -> 
             "result": result}
 
 
-def adaptation_rows(ctx, scan: dict, rows: list[dict], device=None, batch_size: int = 4) -> dict:
+def adaptation_rows(ctx, scan: dict, rows: list[dict], student=None, device=None, batch_size: int = 4) -> dict:
     """metrics.json rows of the student with and without adaptation (notebook 05's `adapt`), where the run has both.
 
     Rows: "student_adapted" on val, and "student" and "student_adapted" on the test split where it has
-    masks, both scored on the same test images: those the adapted student learnt from (by file name,
-    from its adaptation.json) are left out, since scoring on them would be transductive. The adapted
-    student has the student's architecture: its rows carry the student's parameter count and timings
-    (`rows`' "student" val row). Returns {"rows", "record" (adaptation.json, None: adaptation was off),
-    "left_out" (test images left out), "test_images" (scored), "summary" (what the notebook prints)}.
+    masks, both scored on the same test images: those the adapted student learnt from or chose its
+    epoch on (by file name, from its adaptation.json: "images" and "holdout") are left out, since
+    scoring on them would be transductive or favour it. The adapted student has the student's
+    architecture: its rows carry the student's parameter count and timings (`rows`' "student" val
+    row). `student`: the plain student the notebook holds (None: loaded from models/student/best.pt).
+    Returns {"rows", "record" (adaptation.json, None: adaptation was off), "left_out" (test images left
+    out), "test_images" (scored), "summary" (what the notebook prints)}.
     """
     record = adaptation.read_adaptation_record(ctx.run)
     if record is None:
         return {"rows": [], "record": None, "left_out": 0, "test_images": 0,
-                "summary": "adaptation off in this run (notebook 05 ran with adapt=None): no student_adapted rows"}
+                "summary": "adaptation off in this run (notebook 05 ran without adaptation images): no "
+                           "student_adapted rows"}
     student_row = next(row for row in rows if row["model"] == "student" and row["split"] == "val")
     adapted = load_model(ctx.run.require(f"models/{adaptation.ADAPTED_STUDENT}/best.pt"))
     val = training.score_pairs({"adapted": adapted}, usable_pairs(scan, "val"), ctx.profile.image_size, batch_size,
@@ -60,20 +63,23 @@ def adaptation_rows(ctx, scan: dict, rows: list[dict], device=None, batch_size: 
     out = [{**evaluate.split_row(student_row, val, "val"), "model": adaptation.ADAPTED_STUDENT}]
     lines = [f"student_adapted on val (the training desert): mIoU {val['miou']:.3f} "
              f"(student {student_row['miou']:.3f})"]
-    seen = {Path(image).stem for image in record["images"]}
+    seen = {Path(image).stem for image in [*record["images"], *record.get("holdout", [])]}
     test_pairs = usable_pairs(scan, "test") if scan["splits"]["test"]["present"] else []
     held_out = [pair for pair in test_pairs if pair[0].stem not in seen]
     if held_out and held_out[0][1] is not None:
-        student = load_model(ctx.run.require("models/student/best.pt"))
+        if student is None:
+            student = load_model(ctx.run.require("models/student/best.pt"))
         scores = training.score_pairs({"student": student, adaptation.ADAPTED_STUDENT: adapted}, held_out,
                                       ctx.profile.image_size, batch_size, device)
         for name, result in scores.items():
             out.append({**evaluate.split_row(student_row, result, "test"), "model": name})
-        lines.append(f"on {len(held_out)} test images (novel desert; {len(test_pairs) - len(held_out)} adaptation "
-                     f"images left out): student mIoU {scores['student']['miou']:.3f}, student_adapted "
+        lines.append(f"on {len(held_out)} test images (novel desert; {len(test_pairs) - len(held_out)} adapted on or "
+                     f"held out, left out): student mIoU {scores['student']['miou']:.3f}, student_adapted "
                      f"{scores[adaptation.ADAPTED_STUDENT]['miou']:.3f}")
+        lines.append(f"{'per class IoU':<16}{'student':>9}{'adapted':>9}")
+        lines.append(adaptation.per_class_lines(scores))
     else:
-        lines.append("the test split has no masks (or every test image was adapted on): no test rows")
+        lines.append("the test split has no masks (or every test image was adapted on or held out): no test rows")
     return {"rows": out, "record": record, "left_out": len(test_pairs) - len(held_out), "test_images": len(held_out),
             "summary": "\n".join(lines)}
 

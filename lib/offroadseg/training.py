@@ -200,14 +200,15 @@ def evaluation_models(ctx) -> dict:
 
 
 def initial_student(ctx, plan: ModelPlan):
-    """The student before distillation: a copy of the teacher `plan.init_from` names (same architecture
-    required), else `plan`'s model from its pretrained weights or from scratch."""
+    """The student before distillation: a copy of the model `plan.init_from` names (a teacher, or the
+    distilled "student" for the adapted one; same architecture required), else `plan`'s model from its
+    pretrained weights or from scratch."""
     if plan.init_from is None:
         return build_model(plan.name, pretrained=plan.pretrained, **plan.options)
     teacher = load_model(ctx.run.require(f"models/{plan.init_from}/best.pt"))
     wanted = build_model(plan.name, **plan.options).spec
     if teacher.spec != wanted:
-        raise ValueError(f"init_from={plan.init_from!r}: that teacher is {teacher.spec}, the student plan is {wanted}; "
+        raise ValueError(f"init_from={plan.init_from!r}: that model is {teacher.spec}, the student plan is {wanted}; "
                          "initialising needs the same architecture (or set init_from=None)")
     return teacher.train()
 
@@ -233,7 +234,8 @@ def distillation_setup(ctx, scan: dict, plan: ModelPlan, alpha: float = 0.5, tem
 
 def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: float = 0.5,
                   temperature: float = 2.0, beta: float = 0.5, progress: bool = True,
-                  adapt_images=None, confidence_threshold: float | None = None, role: str = "student"):
+                  adapt_images=None, confidence_threshold: float | None = None, role: str = "student",
+                  val_pairs=None):
     """Distil the ensemble into the student of `plan` on the shared engine (see `distillation_setup`).
 
     Checkpoints go to models/<role>/ and reload as the plain student (`checkpoints.load_model`).
@@ -242,7 +244,8 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     `adapt_images` (image paths, see `adaptation_images`): unlabelled images of the new desert that
     join the train set under the same augmentation, each drawn as often as an average train image;
     they count in the soft term where the ensemble's confidence reaches `confidence_threshold`
-    (required with them). Validation stays on val, the labelled training desert.
+    (required with them). `val_pairs` (labelled pairs): validate, and so choose the best epoch, on
+    them instead of val (the adapted student chooses on held-out images of the new desert).
     """
     adapt_images = list(adapt_images or [])
     if adapt_images and confidence_threshold is None:
@@ -255,6 +258,9 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     on_device = augment_on_device()
     cache_dir = cache_folder(ctx.run.dir)
     train_set, val_set = datasets(scan, ctx.profile.image_size, cache_dir=cache_dir, on_device=on_device)
+    if val_pairs is not None:
+        val_set = SegmentationDataset(list(val_pairs), val_set.transform, cache_size=val_set.cache_size,
+                                      cache_dir=cache_dir)
     sample_weights = scan["sample_weights"]
     if adapt_images:
         unlabelled = SegmentationDataset([(path, None) for path in adapt_images], train_set.transform,
