@@ -1,19 +1,23 @@
 """Does the student gain on the new desert from its unlabelled images? Measured on the demo, over seeds.
 
-For each seed, from the same trained teachers and ensemble (a source run's), three students:
+For each seed, from the same trained teachers and ensemble (a source run's), each student scored
+as trained ("distilled only") and after its BatchNorm statistics are re-estimated on the demo
+desert's 48 unlabelled `adapt` images (`adaptation.recalibrate_checkpoint`):
 
-- plain: the demo student, distilled as notebook 05 does (seeded with the seed),
+- plain: the demo student, distilled as notebook 05 does (seeded with the seed); "+bn" is
+  adaptation by the statistics alone,
 - adapted: the plain one fine-tuned as notebook 05's adaptation does (`adaptation.adapted_plan`,
-  `adapted_config`: train set plus the demo desert's 48 unlabelled `adapt` images in the soft term
-  where the ensemble is confident, the threshold chosen on val), best epoch chosen on `novel_val`,
-- control: the same fine-tune without the unlabelled images, so that a gain of "adapted" over
-  "plain" that is only the extra epochs shows as a gain of "control" too.
+  `adapted_config`: train set plus the unlabelled images in the soft term where the ensemble is
+  confident, the threshold chosen on val; best epoch chosen on `novel_val`); "adapted+bn" is
+  what notebook 05 writes to models/student_adapted/,
+- control: the same fine-tune without the unlabelled images, so that a gain that is only the
+  extra epochs shows as a gain of "control" too.
 
-Each student (best.pt, no TTA) is scored at the masks' native size on val (the training desert:
-what adapting costs there), novel_val (the held-out labelled novel images notebook 05 decides
-on; the fine-tunes chose their epoch on it, so it leans their way) and test (the novel test split
+Each (best.pt, no TTA) is scored at the masks' native size on val (the training desert: what
+adapting costs there), novel_val (the held-out labelled novel images notebook 05 decides on; the
+fine-tunes chose their epoch on it, so it leans their way) and test (the novel test split
 notebook 06 scores: the unbiased figure), per class. Nothing here is run by the tests: a seed
-takes about 5 minutes on a 2-core CPU.
+takes about 6 minutes on a 2-core CPU.
 
     PYTHONPATH=lib python bench/adaptation.py --source outputs/demo [--seeds 0 1 2] [--epochs N]
 
@@ -64,9 +68,9 @@ def per_class(result: dict) -> dict:
     return {name: (None if value is None else round(value, 4)) for name, value in result["per_class_iou"].items()}
 
 
-def scores_row(ctx, scan, role: str, seed: int, variant: str, seconds: float) -> dict:
-    """The student of models/<role>/ scored on val, novel_val and test at native mask size."""
-    student = load_model(ctx.run.model_dir(role) / "best.pt")
+def scores_row(ctx, scan, role: str, seed: int, variant: str, seconds: float, checkpoint: str = "best.pt") -> dict:
+    """The student of models/<role>/<checkpoint> scored on val, novel_val and test at native mask size."""
+    student = load_model(ctx.run.model_dir(role) / checkpoint)
     history = read_json(ctx.run.model_dir(role) / "history.json")
     best = max(history, key=lambda row: row["val_miou"])
     row = {"seed": seed, "variant": variant, "train_seconds": round(seconds, 1), "epochs": len(history),
@@ -77,9 +81,22 @@ def scores_row(ctx, scan, role: str, seed: int, variant: str, seconds: float) ->
         result = training.score_pairs({"student": student}, pairs, DEMO.image_size)["student"]
         row[f"{split}_miou"] = round(result["miou"], 4)
         row[f"{split}_per_class"] = per_class(result)
-    print(f"seed {seed} {variant:<8}: val {row['val_miou']:.3f}  novel_val {row['novel_val_miou']:.3f}  "
+    print(f"seed {seed} {variant:<10}: val {row['val_miou']:.3f}  novel_val {row['novel_val_miou']:.3f}  "
           f"test {row['test_miou']:.3f}  ({seconds:.0f} s, best epoch {best['epoch']})", flush=True)
     return row
+
+
+def with_batchnorm(ctx, scan, role: str, seed: int, variant: str, seconds: float, images) -> list[dict]:
+    """The rows of models/<role>/ as trained and with its BatchNorm statistics re-estimated on `images`
+    (a copy, best_bn.pt: the plain student's own best.pt stays what the fine-tunes start from)."""
+    rows = [scores_row(ctx, scan, role, seed, variant, seconds)]
+    folder = ctx.run.model_dir(role)
+    shutil.copy2(folder / "best.pt", folder / "best_bn.pt")
+    started = time.perf_counter()
+    adaptation.recalibrate_checkpoint(folder / "best_bn.pt", images, DEMO.image_size)
+    rows.append(scores_row(ctx, scan, role, seed, f"{variant}+bn", seconds + time.perf_counter() - started,
+                           checkpoint="best_bn.pt"))
+    return rows
 
 
 def main() -> None:
@@ -119,25 +136,27 @@ def main() -> None:
             print("on the held-out novel images:\n" + confidence_lines(novel_table, rule["threshold"]), flush=True)
         config = training.train_config(DEMO, plan, seed=seed)
         tuned_config = adaptation.adapted_config(config, tuned)
+        images = adaptation.adaptation_images(ctx, "demo")
         started = time.perf_counter()
         training.train_student(ctx, scan, plan, config, progress=False)
-        rows.append(scores_row(ctx, scan, "student", seed, "plain", time.perf_counter() - started))
+        rows += with_batchnorm(ctx, scan, "student", seed, "plain", time.perf_counter() - started, images)
         started = time.perf_counter()
-        adaptation.train_adapted_student(ctx, scan, tuned, tuned_config, 0.5, 2.0, 0.5,
-                                         adaptation.adaptation_images(ctx, "demo"), rule["threshold"], holdout)
-        rows.append(scores_row(ctx, scan, adaptation.ADAPTED_STUDENT, seed, "adapted", time.perf_counter() - started))
+        adaptation.train_adapted_student(ctx, scan, tuned, tuned_config, 0.5, 2.0, 0.5, images, rule["threshold"],
+                                         holdout)
+        rows += with_batchnorm(ctx, scan, adaptation.ADAPTED_STUDENT, seed, "adapted", time.perf_counter() - started,
+                               images)
         if not args.no_control:
             started = time.perf_counter()
             training.train_student(ctx, scan, tuned, tuned_config, progress=False, role=CONTROL, val_pairs=holdout)
-            rows.append(scores_row(ctx, scan, CONTROL, seed, "control", time.perf_counter() - started))
+            rows += with_batchnorm(ctx, scan, CONTROL, seed, "control", time.perf_counter() - started, images)
     summary = summarise(rows)
     print("\nper class, test split (novel desert):")
-    print(f"{'class':<15}" + "".join(f"  s{r['seed']}-{r['variant'][:4]}" for r in rows))
+    print(f"{'class':<15}" + "".join(f"  s{r['seed']}-{r['variant'][:7]:<7}" for r in rows))
     for name in CLASS_NAMES:
-        print(f"{name:<15}" + "".join(f"  {_f(r['test_per_class'][name]):>7}" for r in rows))
+        print(f"{name:<15}" + "".join(f"  {_f(r['test_per_class'][name]):>10}" for r in rows))
     print("\nmean over seeds, minus plain:")
     for variant, gains in summary.items():
-        print(f"  {variant:<8}" + "  ".join(f"{split} {gain:+.3f}" for split, gain in gains.items()))
+        print(f"  {variant:<10}" + "  ".join(f"{split} {gain:+.3f}" for split, gain in gains.items()))
     path = save_results("adaptation", rows, out=args.out, source=str(source), min_accuracy=args.min_accuracy,
                         confidence_table=rule["table"], novel_confidence_table=novel_table, threshold=rule["threshold"],
                         fine_tune_epochs=tuned.epochs, mean_gain_over_plain=summary,
@@ -152,7 +171,7 @@ def summarise(rows: list[dict]) -> dict:
     """Mean over seeds of each fine-tune's mIoU minus the plain student's of the same seed, per split."""
     plain = {row["seed"]: row for row in rows if row["variant"] == "plain"}
     out = {}
-    for variant in ("adapted", "control"):
+    for variant in ("plain+bn", "adapted", "adapted+bn", "control", "control+bn"):
         tuned = [row for row in rows if row["variant"] == variant]
         if tuned:
             out[variant] = {split: round(sum(row[f"{split}_miou"] - plain[row["seed"]][f"{split}_miou"]

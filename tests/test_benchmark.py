@@ -83,6 +83,19 @@ def test_throughput_picks_the_batch_with_most_images_per_second_and_stops_growin
     assert max(rates, key=rates.get) == 4
 
 
+def test_throughput_takes_sizes_already_measured_as_they_are():
+    fn, tried = sleeper({1: 30, 2: 30, 4: 200})
+    result = throughput(fn, input_size=(4, 4), device="cpu", warmup=0, runs=2,
+                        measured={1: {"median_ms": 40.0, "runs": 9}})
+    assert 1 not in tried and result["per_batch"][1] == {"images_per_s": 25.0, "median_ms": 40.0, "runs": 9}
+    assert result["best_batch"] == 2 and sorted(result["per_batch"]) == [1, 2, 4]
+    # A measured size that is not better than the one before stops the growth, as a timed one would.
+    fn, tried = sleeper({1: 10, 2: 10})
+    slow = throughput(fn, input_size=(4, 4), batch_sizes=(1, 2, 4), device="cpu", warmup=0, runs=2,
+                      measured={2: {"median_ms": 1000.0, "runs": 3}})
+    assert slow["best_batch"] == 1 and tried == [1, 1] and 4 not in slow["per_batch"]
+
+
 def test_throughput_stops_at_the_first_out_of_memory():
     fn, tried = sleeper({1: 20, 2: 20, 4: 20}, out_of_memory_from=8)
     result = throughput(fn, input_size=(4, 4), device="cpu", warmup=0, runs=2)

@@ -10,7 +10,12 @@ threshold chosen from a measurement on val (`confidence_table`, `choose_threshol
 assumed. It chooses its best epoch on held-out labelled images of the new desert where there are
 some (the demo's `novel_val`; `adapt_holdout` on the real data), else on val. It goes to
 models/student_adapted/ with adaptation.json (which images, which rule, which student it started
-from), beside the plain student; notebook 05 compares the two on the held-out images and on val
+from), beside the plain student. Last, its BatchNorm statistics are re-estimated on the new
+desert's images (`recalibrate_batchnorm`, AdaBN: Li et al. 2016): the soft labels alone cannot
+take the student past the ensemble, which on the demo's new desert is no better than the student,
+while the normalisation statistics of the training desert are what the new one's colours break.
+The adapted student is then a model for the new desert: its val (training desert) score drops, and
+notebook 05 and 06 say by how much; notebook 05 compares the two on the held-out images and on val
 (`adaptation_comparison`: adapting is kept only where it helps there), notebook 06 on the test
 images neither adapted on nor held out (`report`).
 The README's "Adapting to the new desert" gives the protocol and what the demo measured.
@@ -18,17 +23,23 @@ The README's "Adapting to the new desert" gives the protocol and what the demo m
 
 from __future__ import annotations
 
+import argparse
 import os
+import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
-from . import synth
-from .checkpoints import load_model
+from . import augment, synth
+from .checkpoints import load_checkpoint, load_model, save_checkpoint
 from .classes import IGNORE_INDEX
-from .data import DataError, folder_pairs
+from .data import IMAGE_DIR, MASK_DIR, DataError, folder_pairs
+from .dataset import SegmentationDataset
 from .device import default_device, inference_autocast, on_device
 from .engine import TrainConfig, launch
 from .ensemble import Ensemble
@@ -142,6 +153,56 @@ def train_adapted_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig,
     return train_student(ctx, scan, plan, config, alpha, temperature, beta, adapt_images=adapt_images,
                          confidence_threshold=confidence_threshold, role=ADAPTED_STUDENT,
                          val_pairs=list(holdout_pairs) if holdout_pairs else None)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images, image_size, batch_size: int = 8, device=None) -> int:
+    """Re-estimate `model`'s BatchNorm statistics on `images` (AdaBN), in place; returns how many layers.
+
+    Each BatchNorm layer's running mean and variance become the plain average over the images (at the
+    model input size, no augmentation, fp32) of its batch statistics; the weights are left alone.
+    The model's own normalisation then fits the new desert instead of the training one. `model` is
+    left on `device` (None: the default one), in eval mode; 0 layers (e.g. a SegFormer encoder's
+    LayerNorms) leaves it unchanged.
+    """
+    layers = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not layers or not images:
+        return 0
+    device = default_device(device)
+    model.to(device).eval()
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over all batches, not an exponential one
+        layer.train()
+    dataset = SegmentationDataset([(Path(image), None) for image in images], augment.eval_transform(image_size))
+    for batch, _ in DataLoader(dataset, batch_size=batch_size):
+        model(batch.to(device))
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.eval()
+    return len(layers)
+
+
+def recalibrate_checkpoint(path, images, image_size, batch_size: int = 8, device=None) -> dict:
+    """`recalibrate_batchnorm` of the model in checkpoint `path`, written back into it (its weights and
+    everything else unchanged) with {"images", "layers"} under "batchnorm", which it also returns.
+
+    Idempotent: in train mode BatchNorm normalises with the batch's own statistics, so re-estimating
+    from the same weights and images gives the same statistics (a rerun of notebook 05 skips it).
+    """
+    checkpoint = load_checkpoint(path)
+    done = {"images": len(images), "layers": None}
+    if checkpoint.get("batchnorm", {}).get("images") == len(images):
+        return checkpoint["batchnorm"]
+    model = load_model(path)
+    done["layers"] = recalibrate_batchnorm(model, images, image_size, batch_size, device)
+    prefix = (checkpoint.get("spec") or {}).get("prefix") or ""
+    for key, value in model.state_dict().items():
+        checkpoint["model"][prefix + key] = value.detach().cpu()
+    checkpoint["batchnorm"] = done
+    save_checkpoint(checkpoint, Path(path))
+    return done
 
 
 # ------------------------------------------------------------- domain adaptation (notebook 05)
@@ -285,6 +346,12 @@ def adapt_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, alpha: 
     write_adaptation_record(ctx, record)
     launch(train_adapted_student, (ctx, scan, adapted, adapted_config(config, adapted), alpha, temperature, beta,
                                    images, rule["threshold"], holdout_pairs), num_processes)
+    # After the launch, never before: it may run on the GPU, which the launcher's processes need unused.
+    batchnorm = recalibrate_checkpoint(ctx.run.model_dir(ADAPTED_STUDENT) / "best.pt", images, ctx.profile.image_size)
+    print(f"BatchNorm statistics re-estimated on the {len(images)} images of the new desert "
+          f"({batchnorm['layers']} layers)" if batchnorm["layers"] else
+          "this student has no BatchNorm layer: its normalisation statistics stay the training desert's")
+    write_adaptation_record(ctx, {**record, "batchnorm": batchnorm})
     return read_adaptation_record(ctx.run)
 
 
@@ -343,3 +410,66 @@ def per_class_lines(results: dict) -> str:
         values = [results[name]["per_class_iou"][cls] for name in names]
         lines.append(f"  {cls:<14}" + "".join(f"{'-' if v is None else f'{v:.3f}':>9}" for v in values))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------- the honest protocol on the real data
+
+
+def split_test_images(folder, out, adapt: float = 0.5, holdout: float = 0.1, seed: int = 0) -> dict:
+    """Split a labelled test folder (Duality layout) into the three parts the honest protocol needs.
+
+    `out`/adapt/Color_Images: a share `adapt` of the images, without masks (notebook 05's `adapt`);
+    `out`/holdout/{Color_Images,Segmentation}: a share `holdout` with their masks (`adapt_holdout`:
+    the adapted student's epoch and the verdict); the rest stays where it is, and notebook 06 scores
+    only it (it leaves out both parts by file name). A seeded shuffle decides; files are hard-linked
+    where the file system allows, else copied. Returns {"adapt", "holdout", "scored"}: counts.
+    """
+    pairs = folder_pairs(Path(os.fspath(folder)).expanduser())
+    if any(mask is None for _, mask in pairs):
+        raise DataError(f"{folder}: every image needs its mask in {MASK_DIR}/ (the held-out part is scored)")
+    if not (0 < adapt < 1 and 0 < holdout < 1 and adapt + holdout < 1):
+        raise ValueError(f"adapt ({adapt}) and holdout ({holdout}) are shares of the images: each above 0, "
+                         "together below 1 (the rest is what notebook 06 scores)")
+    order = sorted(pairs)
+    random.Random(seed).shuffle(order)
+    n_adapt, n_holdout = round(len(order) * adapt), max(1, round(len(order) * holdout))
+    out = Path(os.fspath(out)).expanduser()
+    for destination in (out / "adapt", out / "holdout"):
+        if destination.exists() and any(destination.iterdir()):
+            raise DataError(f"{destination} is not empty: give another --out, or delete it to split anew")
+    for image, _ in order[:n_adapt]:
+        _link(image, out / "adapt" / IMAGE_DIR / image.name)
+    for image, mask in order[n_adapt:n_adapt + n_holdout]:
+        _link(image, out / "holdout" / IMAGE_DIR / image.name)
+        _link(mask, out / "holdout" / MASK_DIR / mask.name)
+    return {"adapt": n_adapt, "holdout": n_holdout, "scored": len(order) - n_adapt - n_holdout}
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m offroadseg.adaptation",
+                                     description="Split the test images for adapting to the new desert honestly.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    split = commands.add_parser("split", help="adapt / holdout parts of a labelled test folder; the rest is scored")
+    split.add_argument("folder", help="the test folder (holding Color_Images/ and Segmentation/)")
+    split.add_argument("--out", required=True, help="where adapt/ and holdout/ go")
+    split.add_argument("--adapt", type=float, default=0.5, help="share of the images adapted on (default 0.5)")
+    split.add_argument("--holdout", type=float, default=0.1, help="share held out to decide on (default 0.1)")
+    split.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    counts = split_test_images(args.folder, args.out, args.adapt, args.holdout, args.seed)
+    out = Path(args.out)
+    print(f"{counts['adapt']} images to adapt on in {out / 'adapt'}, {counts['holdout']} held out in "
+          f"{out / 'holdout'}; notebook 06 scores the other {counts['scored']}. Then:\n"
+          f"  ./run_all.sh ... --set adapt={out / 'adapt'} --set adapt_holdout={out / 'holdout'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -134,8 +134,12 @@ def throughput(
     time_budget_s: float = 60.0,
     warmup: int = 2,
     runs: int = 5,
+    measured: dict | None = None,
 ) -> dict:
     """Images per second of `model` at growing batch sizes; the best batch size and its rate.
+
+    `measured` ({batch size: a `latency` result of this model on this input}): sizes already timed,
+    taken as they are instead of timed again (notebook 06 passes its batch-1 latency).
 
     Batch sizes are tried in increasing order; growing stops at the first size
     that fails, that does not beat the best images/s so far (larger batches
@@ -151,10 +155,10 @@ def throughput(
     """
     device = default_device(device)
     with on_device(model, device):
-        return _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, runs)
+        return _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, runs, measured or {})
 
 
-def _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, runs) -> dict:
+def _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, runs, measured) -> dict:
     batch_sizes = sorted(set(int(b) for b in batch_sizes))
     per_batch: dict[int, dict] = {}
     failure = None
@@ -164,20 +168,23 @@ def _throughput(model, input_size, batch_sizes, device, time_budget_s, warmup, r
         remaining = time_budget_s - (time.perf_counter() - started)
         if remaining <= 0:
             break
-        try:
-            x = _random_input(batch, input_size, device)
-            timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
-                             max_seconds=min(remaining, time_budget_s / len(batch_sizes)))
-        except Exception as error:  # noqa: BLE001 - recorded per batch size, raised below if nothing ran
-            if _is_out_of_memory(error):
-                per_batch[batch] = {"error": "out of memory"}
-            else:
-                per_batch[batch] = {"error": f"{type(error).__name__}: {error}"}
-                failure = error
-            x = None  # drop the last input before handing the cached memory back
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            break
+        if batch in measured:
+            timing = measured[batch]
+        else:
+            try:
+                x = _random_input(batch, input_size, device)
+                timing = time_fn(_inference_call(model, x, device), warmup=warmup, runs=runs, device=device,
+                                 max_seconds=min(remaining, time_budget_s / len(batch_sizes)))
+            except Exception as error:  # noqa: BLE001 - recorded per batch size, raised below if nothing ran
+                if _is_out_of_memory(error):
+                    per_batch[batch] = {"error": "out of memory"}
+                else:
+                    per_batch[batch] = {"error": f"{type(error).__name__}: {error}"}
+                    failure = error
+                x = None  # drop the last input before handing the cached memory back
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
         rate = batch / (timing["median_ms"] / 1000.0)
         per_batch[batch] = {"images_per_s": rate, "median_ms": timing["median_ms"], "runs": timing["runs"]}
         if rate <= best_rate:

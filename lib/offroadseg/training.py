@@ -422,7 +422,7 @@ def compare_models(models: dict, loader, latency_input, device=None, batch_sizes
         result = evaluate_model(model, loader, device=device)
         timing = benchmark.latency(model, input_size=tuple(latency_input), device=device)
         speed = benchmark.throughput(model, input_size=tuple(latency_input), batch_sizes=batch_sizes, device=device,
-                                     warmup=1, runs=runs)
+                                     warmup=1, runs=runs, measured={1: timing})  # batch 1 is the latency's
         results[name] = result
         rows.append(metrics_row(name, result, count_parameters(model), timing, speed, split="val",
                                 device=timing["device"], input_size=latency_input))
