@@ -124,8 +124,10 @@ def test_a_recalibrated_checkpoint_keeps_its_weights_and_is_written_once(tmp_pat
 def test_the_test_images_split_into_adapt_holdout_and_scored_parts_that_never_overlap(tmp_path, capsys):
     make_small_dataset(tmp_path / "data", 1, 1, 10)
     test = tmp_path / "data" / "Offroad_Segmentation_testImages"
-    main(["split", str(test), "--out", str(tmp_path / "parts"), "--adapt", "0.5", "--holdout", "0.2"])
+    assert main(["split", str(test), "--out", str(tmp_path / "parts"), "--adapt", "0.5", "--holdout", "0.2"]) == 0
     assert "5 images to adapt on" in capsys.readouterr().out
+    assert main(["split", str(test), "--out", str(tmp_path / "parts")]) == 2  # not again into the same folder
+    assert "is not empty: give another --out" in capsys.readouterr().err
     adapt = {path.stem for path, _ in folder_pairs(tmp_path / "parts" / "adapt")}
     holdout = folder_pairs(tmp_path / "parts" / "holdout")
     assert len(adapt) == 5 and len(holdout) == 2 and all(mask is not None for _, mask in holdout)

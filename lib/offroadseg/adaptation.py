@@ -27,6 +27,7 @@ import argparse
 import os
 import random
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -453,7 +454,7 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m offroadseg.adaptation",
                                      description="Split the test images for adapting to the new desert honestly.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -464,12 +465,17 @@ def main(argv=None) -> None:
     split.add_argument("--holdout", type=float, default=0.1, help="share held out to decide on (default 0.1)")
     split.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    counts = split_test_images(args.folder, args.out, args.adapt, args.holdout, args.seed)
+    try:
+        counts = split_test_images(args.folder, args.out, args.adapt, args.holdout, args.seed)
+    except (DataError, ValueError) as err:  # bad input: say what to do, without a traceback
+        print(f"python -m offroadseg.adaptation split: error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     print(f"{counts['adapt']} images to adapt on in {out / 'adapt'}, {counts['holdout']} held out in "
           f"{out / 'holdout'}; notebook 06 scores the other {counts['scored']}. Then:\n"
           f"  ./run_all.sh ... --set adapt={out / 'adapt'} --set adapt_holdout={out / 'holdout'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
