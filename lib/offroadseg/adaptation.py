@@ -34,7 +34,6 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import augment, synth
 from .checkpoints import load_checkpoint, load_model, save_checkpoint
@@ -177,7 +176,7 @@ def recalibrate_batchnorm(model: nn.Module, images, image_size, batch_size: int 
         layer.momentum = None  # a cumulative average over all batches, not an exponential one
         layer.train()
     dataset = SegmentationDataset([(Path(image), None) for image in images], augment.eval_transform(image_size))
-    for batch, _ in DataLoader(dataset, batch_size=batch_size):
+    for batch, _ in loader(dataset, batch_size):
         model(batch.to(device))
     for layer, momentum in zip(layers, momenta):
         layer.momentum = momentum
@@ -193,11 +192,10 @@ def recalibrate_checkpoint(path, images, image_size, batch_size: int = 8, device
     from the same weights and images gives the same statistics (a rerun of notebook 05 skips it).
     """
     checkpoint = load_checkpoint(path)
-    done = {"images": len(images), "layers": None}
     if checkpoint.get("batchnorm", {}).get("images") == len(images):
         return checkpoint["batchnorm"]
     model = load_model(path)
-    done["layers"] = recalibrate_batchnorm(model, images, image_size, batch_size, device)
+    done = {"images": len(images), "layers": recalibrate_batchnorm(model, images, image_size, batch_size, device)}
     prefix = (checkpoint.get("spec") or {}).get("prefix") or ""
     for key, value in model.state_dict().items():
         checkpoint["model"][prefix + key] = value.detach().cpu()
