@@ -251,8 +251,8 @@ def confidence_rule(ctx, scan: dict, min_accuracy: float = MIN_KEPT_ACCURACY, ba
                     device=None) -> dict:
     """Which soft labels of unlabelled images to trust, measured on val (labelled, the training desert).
 
-    Returns {"table": `distill.confidence_table` of the run's ensemble on val at the model input size,
-    "min_accuracy", "threshold": `distill.choose_threshold` of the table (None: no level is that accurate)}.
+    Returns {"table": `confidence_table` of the run's ensemble on val at the model input size,
+    "min_accuracy", "threshold": `choose_threshold` of the table (None: no level is that accurate)}.
     """
     ensemble = fuse(load_teachers(ctx), read_ensemble(ctx.run))
     table = confidence_table(ensemble, loader(val_dataset(scan, ctx.profile.image_size), batch_size), device=device)
