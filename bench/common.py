@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import tempfile
@@ -43,6 +44,57 @@ def save_results(name: str, rows: list[dict], out: str | None = None, **extra) -
     write_json(path, {"benchmark": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       "machine": machine(), "versions": package_versions(), **extra, "rows": rows})
     return path
+
+
+def add_output_options(parser, name: str) -> None:
+    """--out (the JSON of the whole run) and --jsonl/--label (each row as soon as it is measured)."""
+    parser.add_argument("--out", default=None, help=f"JSON results path (default bench/results/{name}.json)")
+    parser.add_argument("--jsonl", default=None, help="also append each row, as soon as it is measured, to this "
+                        "JSON lines file (a run cut short keeps every row it finished)")
+    parser.add_argument("--label", default=name, help=f"the rows' label in --jsonl (default {name})")
+
+
+class Results:
+    """A benchmark's rows as they are measured: `add` appends each at once to the JSON lines file
+    `jsonl` ({"label", "benchmark", "row"} a line, flushed to disk: a process killed a second later
+    keeps it) and rewrites the whole JSON (`save_results`, with partial=True until `save`)."""
+
+    def __init__(self, name: str, out: str | None = None, jsonl: str | None = None, label: str | None = None,
+                 **extra):
+        self.name, self.out, self.label, self.extra = name, out, label or name, extra
+        self.jsonl = Path(jsonl) if jsonl else None
+        self.rows: list[dict] = []
+        if self.jsonl is not None:
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        if self.jsonl is not None:
+            with open(self.jsonl, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"label": self.label, "benchmark": self.name, "row": row}, default=str) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        save_results(self.name, self.rows, self.out, **{**self.extra, "partial": True})
+        return row
+
+    def save(self, **more) -> Path:
+        """The final JSON (partial=False), with `more` fields."""
+        self.extra.update(more)
+        return save_results(self.name, self.rows, self.out, **{**self.extra, "partial": False})
+
+
+def read_jsonl(path) -> list[dict]:
+    """The objects of a JSON lines file written by `Results`; a last line cut short is left out."""
+    out = []
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

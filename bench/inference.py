@@ -24,7 +24,10 @@ End to end (`predict` rows, --predict-images N, default 8; 0 skips): what
 written to a temporary folder: decode, preprocess, model, upsample + argmax, PNG encode of the
 raw mask and the overlay; ms per image and the share of each stage. Backends side by side: the
 student checkpoint (torch), its fp32 ONNX export and the INT8 quantisation of that export
-(onnxruntime; calibrated on random frames, which is enough for timing).
+(onnxruntime; calibrated on random frames, which is enough for timing). --onnx-device (default:
+the torch device) is where the ONNX rows ask to run; an onnxruntime without the CUDA provider (the
+plain wheel, as on the GPU image) runs them on the CPU, says so in one line, and the row names
+the providers it used.
 
 Throughput: images/s of the predictor alone at the model input size for each batch size
 (1,2,4,8,16,32 on a GPU; 1,2,4,8 on a CPU), all reported in the JSON, the best in the
@@ -57,9 +60,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    Results,
+    add_output_options,
     parse_size,
     profile_models,
-    save_results,
     size_str,
     table,
 )
@@ -189,8 +193,13 @@ PREDICT_COLUMNS = ["backend", "images", "ms_per_image", "images_per_s", "decode_
                    "upsample_argmax_%", "encode_%"]
 
 
-def measure_predict(student, size, native, count: int, batch_size: int, device, precision: str) -> list[dict]:
-    """End-to-end `predict_files` rows for the checkpoint, its fp32 ONNX export and INT8, on `count` frames."""
+def measure_predict(student, size, native, count: int, batch_size: int, device, precision: str,
+                    onnx_device: str | None = None, add=None) -> list[dict]:
+    """End-to-end `predict_files` rows for the checkpoint, its fp32 ONNX export and INT8, on `count` frames.
+
+    `onnx_device` ("cpu", "cuda", "auto"; None: `device`'s type) is asked of onnxruntime for the ONNX
+    rows (`export.OnnxModel`: the CPU, with one warning line, where it has no CUDA provider); each
+    row names the providers it ran on. `add(row)` is called with each row as soon as it is measured."""
     import tempfile
 
     from offroadseg.data import write_image
@@ -217,18 +226,20 @@ def measure_predict(student, size, native, count: int, batch_size: int, device, 
         student = student.to(device)
         calibration = [torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(k)) for k in range(2)]
         int8_path = quantize_int8(onnx_path, tmp / "student_int8.onnx", calibration, latency_runs=0)["path"]
-        backends = {"checkpoint (torch)": student, "onnx fp32": OnnxModel(onnx_path, device=str(device.type)),
-                    "onnx int8": OnnxModel(int8_path, device=str(device.type))}
+        onnx_device = onnx_device or device.type
+        backends = {"checkpoint (torch)": student, "onnx fp32": OnnxModel(onnx_path, device=onnx_device),
+                    "onnx int8": OnnxModel(int8_path, device=onnx_device)}
         for name, predictor in backends.items():
             predict_files(predictor, frames[:1], tmp / "warmup", size, batch_size=1, precision=precision, progress=False)
             result = predict_files(predictor, frames, tmp / name.split()[0], size, batch_size=batch_size,
                                    precision=precision, progress=False)
             total = result["seconds"]
-            row = {"backend": name, "images": result["images"], "ms_per_image": 1000 * total / result["images"],
-                   "images_per_s": result["images"] / total, "batch_size": batch_size,
+            row = {"kind": "predict", "backend": name, "images": result["images"],
+                   "ms_per_image": 1000 * total / result["images"], "images_per_s": result["images"] / total,
+                   "batch_size": batch_size, "providers": getattr(predictor, "providers", [str(device)]),
                    "stage_ms_per_image": {k: 1000 * v / result["images"] for k, v in result["timings"].items()}}
             row.update({f"{k}_%": 100 * v / total for k, v in result["timings"].items()})
-            rows.append(row)
+            rows.append(add(row) if add else row)
             print(table([row], PREDICT_COLUMNS), flush=True)
     return rows
 
@@ -268,8 +279,10 @@ def main(argv=None) -> None:
                         help="end-to-end predict rows on this many frames (default 8, --quick 2; 0 skips)")
     parser.add_argument("--predict-batch", type=int, default=4, help="batch size of the end-to-end predict rows")
     parser.add_argument("--predict-only", action="store_true", help="only the end-to-end predict rows")
+    parser.add_argument("--onnx-device", default=None, choices=("auto", "cpu", "cuda"),
+                        help="where the ONNX predict rows ask to run (default: the torch device)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64x96 input, 90x160 frames, 2 runs, batches 1,2")
-    parser.add_argument("--out", default=None, help="JSON results path (default bench/results/inference.json)")
+    add_output_options(parser, "inference")
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]
@@ -307,19 +320,21 @@ def main(argv=None) -> None:
     frame = rng.integers(0, 256, size=(*native, 3), dtype=np.uint8)  # pixel values do not change the cost
     transform = eval_transform(size)
     predict_images = args.predict_images if args.predict_images is not None else (2 if args.quick else 8)
+    results = Results("inference", args.out, args.jsonl, args.label, profile=profile.name, precision=precision,
+                      channels_last=args.channels_last, compile=args.compile, quick=args.quick)
     predict_rows = []
     if predict_images > 0:
         student, _ = load_member("student", profile, args.checkpoints)
-        predict_rows = measure_predict(student, size, native, predict_images, args.predict_batch, device, precision)
+        predict_rows = measure_predict(student, size, native, predict_images, args.predict_batch, device, precision,
+                                       onnx_device=args.onnx_device, add=results.add)
         student = None
     if args.predict_only:
         predictors = {}
 
-    rows = []
     pre = time_fn(lambda: transform(frame, None), warmup=warmup, runs=runs, device=torch.device("cpu"),
                   max_seconds=max_seconds)
-    rows.append({"predictor": "preprocess", "weights": "-", "precision": "-", "input": size_str(size), "pre_ms": pre["median_ms"],
-                 "native_ms": pre["median_ms"], "native_p90": pre["p90_ms"],
+    results.add({"kind": "latency", "predictor": "preprocess", "weights": "-", "precision": "-", "input": size_str(size),
+                 "pre_ms": pre["median_ms"], "native_ms": pre["median_ms"], "native_p90": pre["p90_ms"],
                  "note": f"eval_transform on the CPU: {size_str(native)} uint8 -> {size_str(size)} normalised float"})
     print(f"preprocess (eval_transform, CPU) {size_str(native)} -> {size_str(size)}: {pre['median_ms']:.2f} ms", flush=True)
 
@@ -335,7 +350,7 @@ def main(argv=None) -> None:
             compile_s = time.perf_counter() - started  # wrapping only; the compilation happens in the first calls
         ctx = inference_autocast(device, precision)
         kind = "checkpoint" if "random" not in weights else ("random" if "best.pt" not in weights else "mixed")
-        row = {"predictor": name, "params_M": params, "weights": kind, "weights_detail": weights, "input": size_str(size),
+        row = {"kind": "latency", "predictor": name, "params_M": params, "weights": kind, "weights_detail": weights, "input": size_str(size),
                "native": size_str(native), "precision": precision, "channels_last": args.channels_last,
                "compiled": args.compile}
         first_calls = {}
@@ -371,10 +386,8 @@ def main(argv=None) -> None:
         if on_gpu:
             row["max_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        rows.append(row)
+        results.add(row)  # a run cut short keeps its rows
         print(table([row], COLUMNS), flush=True)
-        save_results("inference", rows, args.out, partial=True, profile=profile.name, precision=precision,  # a run cut
-                     channels_last=args.channels_last, compile=args.compile, quick=args.quick)  # short keeps its rows
         predictor = None
         if on_gpu:
             torch.cuda.empty_cache()
@@ -384,22 +397,19 @@ def main(argv=None) -> None:
           f"compile: {args.compile}{' (' + args.compile_mode + ')' if args.compile and args.compile_mode else ''}\n"
           f"latency: batch 1, median of up to {runs} runs after {warmup} warm-up; frames {size_str(native)}, "
           f"model input {size_str(size)}; throughput batches {batches} at the model input")
-    print(table(rows, COLUMNS))
+    print(table([r for r in results.rows if r["kind"] == "latency"], COLUMNS))
     if predict_rows:
         print(f"\nend to end (evaluate.predict_files, as python -m offroadseg.predict): {predict_images} PNG frames "
               f"{size_str(native)}, batch {args.predict_batch}, model input {size_str(size)}")
         print(table(predict_rows, PREDICT_COLUMNS))
     print("reference report: student 40 ms/image, ensemble 85 ms/image; H100 targets at 960x540: "
           "student <= 4 ms, ensemble <= 10 ms")
-    path = save_results("inference", rows, args.out, predict_rows=predict_rows, device=str(device), device_name=where, profile=profile.name,
-                        checkpoints=args.checkpoints, ensemble_settings={k: (list(v) if isinstance(v, tuple) else v)
-                                                                          for k, v in settings.items()},
-                        model_input=list(size), native=list(native), precision=precision,
-                        channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
+    path = results.save(predict_rows=predict_rows, device=str(device), device_name=where, checkpoints=args.checkpoints,
+                        ensemble_settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+                        model_input=list(size), native=list(native), compile_mode=args.compile_mode,
                         cudnn_benchmark=args.cudnn_benchmark, runs=runs, warmup=warmup, max_seconds=max_seconds,
-                        batches=batches, quick=args.quick,
-                        reference={"student_ms": 40, "ensemble_ms": 85, "h100_target_student_ms": 4,
-                                   "h100_target_ensemble_ms": 10})
+                        batches=batches, reference={"student_ms": 40, "ensemble_ms": 85, "h100_target_student_ms": 4,
+                                                    "h100_target_ensemble_ms": 10})
     print(f"results: {path}")
 
 

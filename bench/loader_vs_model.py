@@ -8,10 +8,11 @@
       `datasets` call, almost all of it decoding) and `decode_ips` (train + val images /
       cache_build_s: `datasets` caches both).
       Training pays this once per run folder (`<run>/cache`) and reuses it afterwards.
-    - the DataLoader as `engine.fit` builds it: the weighted `EpochSampler` with the scan's
-      sample weights, drop_last, `num_workers`, `seed_worker`, pin_memory on CUDA, wrapped by
-      accelerate's `prepare` (which copies each batch to the device), workers NOT persistent
-      (fresh worker processes every epoch, as in fit; the memory-mapped cache survives them).
+    - the DataLoader as `engine.fit` builds it (`sampling.make_loaders`): the weighted
+      `EpochSampler` with the scan's sample weights, each sample seeded, drop_last, the workers
+      `sampling.loader_workers` gives for `--workers` (persistent: started in epoch 1, kept for
+      epoch 2), pin_memory on CUDA, wrapped by accelerate's `prepare` (which copies each batch
+      to the device).
     - the augmentation where training puts it: on CUDA the dataset yields uint8 tensors at the
       cache size (`augment.to_tensors`) and `training.batch_augmentation` (`BatchAugment`:
       crop, resize, rotate, flip, jitter) runs on each batch on the device, timed with the
@@ -21,8 +22,8 @@
     `loader_e2_ips` (epoch 1 also pays first-use costs: CUDA kernels, page faults).
     `augment_ips`: the device augmentation alone (CUDA events around each BatchAugment call;
     GPU time the model step does not get), blank where augmentation runs in the dataset.
-(b) The model: bench/train_speed.measure (forward + loss + backward + AdamW on random
-    input of the same size and batch; bf16 autocast + channels_last on CUDA).
+(b) The model: bench/train_speed.measure (fit's step on fit's set-up, random input of the same
+    size and batch: bf16 autocast where the GPU has it, channels_last where it has tensor cores).
 
 ratio = loader images/s / model images/s; verdict "starved" where the loader (epoch 2)
 is the slower side, "starved (epoch 1)" where only the first epoch is.
@@ -54,11 +55,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    Results,
+    add_output_options,
     demo_data,
     model_label,
     parse_size,
     profile_models,
-    save_results,
     size_str,
     table,
 )
@@ -67,10 +69,10 @@ from train_speed import measure  # noqa: E402
 from offroadseg import training  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
 from offroadseg.dataset import PARALLEL_MIN_PAIRS  # noqa: E402
-from offroadseg.device import default_device, precision_name, resolve_precision, synchronize  # noqa: E402
+from offroadseg.device import default_device, precision_name, synchronize  # noqa: E402
 from offroadseg.engine import make_accelerator  # noqa: E402
 from offroadseg.profiles import PROFILES  # noqa: E402
-from offroadseg.sampling import epoch_seed, make_loaders  # noqa: E402
+from offroadseg.sampling import make_loaders  # noqa: E402
 from offroadseg.scan import scan_dataset, usable_pairs  # noqa: E402
 
 COLUMNS = ["role", "model", "size", "batch", "workers", "augment", "cache_build_s", "decode_ips", "loader_e1_ips",
@@ -106,8 +108,8 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
         augmentation = training.batch_augmentation(image_size) if on_device else None
         # fit's own train loader (the val loader it also makes is not used here)
         loaders = make_loaders(train_set, train_set, batch, seed, workers, weights, 0, 1, device.type == "cuda")
-        loader, sampler, worker_seeds = loaders.train, loaders.train.sampler, loaders.worker_seeds
-        accelerator = make_accelerator(resolve_precision("auto"))
+        loader, sampler = loaders.train, loaders.train.sampler
+        accelerator = make_accelerator("auto")
         prepared = accelerator.device.type == device.type
         if prepared:
             loader = accelerator.prepare(loader)
@@ -120,7 +122,6 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
                 loader.set_epoch(epoch)
             else:
                 sampler.set_epoch(epoch)
-            worker_seeds.manual_seed(epoch_seed(seed, epoch, 1))
             images, augment_s, events = 0, 0.0, []
             started = time.perf_counter()
             first_batch_s = None
@@ -150,7 +151,8 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
                               "augment_s": augment_s if augmentation is not None else None,
                               "augment_ips": images / augment_s if augmentation is not None and augment_s > 0 else None})
         del loader, train_set  # before the folder goes: the workers are gone, the memory maps closed
-    return {"workers": workers, "batch": batch, "augment": "device" if on_device else "dataset",
+    return {"workers": loaders.workers, "workers_asked": workers, "batch": batch,
+            "augment": "device" if on_device else "dataset",
             "through_accelerate": prepared, "cache_build": cache, "epochs": per_epoch}
 
 
@@ -177,7 +179,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda ...")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a tiny generated desert (unless --data), 64x96, batch 2, 1 step")
-    parser.add_argument("--out", default=None, help="JSON results path (default bench/results/loader_vs_model.json)")
+    add_output_options(parser, "loader_vs_model")
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batches.split(",") if b.strip()] if args.batches else [args.batch]
@@ -212,12 +214,17 @@ def main(argv=None) -> None:
                       f"({c['images_per_s']:.1f} img/s), epoch 1 {e[0]['images_per_s']:.1f} img/s, "
                       f"epoch 2 {e[1]['images_per_s']:.1f} img/s", flush=True)
 
+    where = f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    results = Results("loader_vs_model", args.out, args.jsonl, args.label, device=str(device), device_name=where,
+                      profile=profile.name, data=str(root) if args.data else ("quick tiny desert" if args.quick else str(root)),
+                      train_pairs=train_pairs, scan_seconds=scan_seconds, model_input=list(size), precision=precision,
+                      quick=args.quick, augment="device" if on_device else "dataset", persistent_workers=True,
+                      loaders=[{"key": list(k), **v} for k, v in loaders.items()])
     trained = {}  # same architecture, size and batch (the demo teacher and student): measured once
-    rows = []
     for spec in models:
         key = (spec["name"], json.dumps(spec["options"], sort_keys=True), spec["batch"])
         if key not in trained:
-            trained[key] = measure(spec["name"], spec["options"], size, spec["batch"], steps, device, precision,
+            trained[key] = measure(spec["name"], spec["options"], size, spec["batch"], steps, args.precision,
                                    warmup=warmup)
         model = trained[key]
         print(f"model {spec['role']} {model_label(spec['name'], spec['options'])}: "
@@ -228,8 +235,8 @@ def main(argv=None) -> None:
             e1, e2 = loader["epochs"][0]["images_per_s"], loader["epochs"][-1]["images_per_s"]
             ips = model["images_per_s"]
             verdict = "starved" if e2 < ips else ("starved (epoch 1)" if e1 < ips else "ok")
-            rows.append({"role": spec["role"], "model": model["model"], "size": size_str(size), "batch": batch,
-                         "workers": workers, "augment": loader["augment"],
+            results.add({"role": spec["role"], "model": model["model"], "size": size_str(size), "batch": batch,
+                         "workers": loader["workers"], "workers_asked": workers, "augment": loader["augment"],
                          "cache_build_s": loader["cache_build"]["seconds"],
                          "decode_ips": loader["cache_build"]["images_per_s"],
                          "loader_e1_ips": e1, "loader_e2_ips": e2,
@@ -239,20 +246,15 @@ def main(argv=None) -> None:
                          "cache_build": loader["cache_build"], "loader_epochs": loader["epochs"],
                          "through_accelerate": loader["through_accelerate"]})
 
-    where = f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"\nprofile: {profile.name}   device: {where}   precision: {precision}   train pairs: {train_pairs}")
-    print(table(rows, COLUMNS))
+    print(table(results.rows, COLUMNS))
     if device.type == "cpu":
         print("note: on a CPU the loader and the model share the cores; the training rate is about "
               "1 / (1/loader + 1/model), whatever the verdict")
     elif on_device:
         print("note: the device augmentation (augment_ips) and the model share the GPU; the GPU side runs at "
               "about 1 / (1/augment + 1/model)")
-    path = save_results("loader_vs_model", rows, args.out, device=str(device), device_name=where,
-                        profile=profile.name, data=str(root) if args.data else ("quick tiny desert" if args.quick else str(root)),
-                        train_pairs=train_pairs, scan_seconds=scan_seconds, model_input=list(size),
-                        precision=precision, quick=args.quick, augment="device" if on_device else "dataset",
-                        persistent_workers=False, loaders=[{"key": list(k), **v} for k, v in loaders.items()])
+    path = results.save()
     print(f"results: {path}")
 
 

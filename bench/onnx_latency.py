@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import parse_size, profile_models, save_results, size_str, table  # noqa: E402
+from common import Results, add_output_options, parse_size, profile_models, size_str, table  # noqa: E402
 
 from offroadseg.export import export_onnx, onnx_latency  # noqa: E402
 from offroadseg.models import build_model  # noqa: E402
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed runs per latency")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     parser.add_argument("--quick", action="store_true", help="smoke run: 64x96 input, 90x160 frames, 2 runs")
-    parser.add_argument("--out", default=None, help="JSON results path (default bench/results/onnx_latency.json)")
+    add_output_options(parser, "onnx_latency")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
@@ -60,7 +60,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = build_model(spec["name"], **spec["options"]).eval()
     available = ort.get_available_providers()
-    rows = []
+    results = Results("onnx_latency", args.out, args.jsonl, args.label, profile=profile.name, model=spec["name"],
+                      model_input=list(size), native=list(native), onnxruntime=ort.__version__,
+                      available_providers=available, runs=runs, warmup=warmup, quick=args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as folder:
         started = time.perf_counter()
         path = export_onnx(model, Path(folder) / "student.onnx", input_size=size)
@@ -69,23 +71,21 @@ def main(argv=None) -> None:
               f"providers: {', '.join(available)}", flush=True)
         for provider in PROVIDERS:
             if provider not in available:
-                rows.append({"provider": provider, "input": "-", "note": f"not in this onnxruntime build ({ort.__version__}: "
-                             f"{', '.join(available)})"})
+                results.add({"provider": provider, "input": "-", "note": f"not in this onnxruntime build "
+                             f"({ort.__version__}: {', '.join(available)})"})
                 continue
             sess = session(path, provider)
             used = sess.get_providers()[0]
             for shape in (size, native):
                 timing = onnx_latency(path, shape, runs=runs, warmup=warmup, session=sess)
-                rows.append({"provider": provider, "input": size_str(shape), "median_ms": timing["median_ms"],
-                             "p90_ms": timing["p90_ms"], "runs": timing["runs"],
-                             "note": "" if used == provider else f"session fell back to {used}"})
-                print(table([rows[-1]], COLUMNS), flush=True)
+                row = results.add({"provider": provider, "input": size_str(shape), "median_ms": timing["median_ms"],
+                                   "p90_ms": timing["p90_ms"], "runs": timing["runs"],
+                                   "note": "" if used == provider else f"session fell back to {used}"})
+                print(table([row], COLUMNS), flush=True)
     print(f"\nstudent {spec['name']} ({profile.name} profile), batch 1, fp32 graph, inputs {size_str(size)} and "
           f"{size_str(native)}")
-    print(table(rows, COLUMNS))
-    out = save_results("onnx_latency", rows, args.out, profile=profile.name, model=spec["name"], model_input=list(size),
-                       native=list(native), export_s=export_s, onnxruntime=ort.__version__, available_providers=available,
-                       runs=runs, warmup=warmup, quick=args.quick)
+    print(table(results.rows, COLUMNS))
+    out = results.save(export_s=export_s)
     print(f"results: {out}")
 
 

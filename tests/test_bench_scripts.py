@@ -51,7 +51,7 @@ def test_loader_vs_model_device_augmentation(tmp_path, one_thread):
     out = tmp_path / "loader_vs_model.json"
     _load("loader_vs_model").main(["--quick", "--out", str(out), "--models", "segformer", "--augment", "device"])
     result = read_json(out)
-    assert result["augment"] == "device" and result["persistent_workers"] is False
+    assert result["augment"] == "device" and result["persistent_workers"] is True
     row = result["rows"][0]
     assert row["augment"] == "device" and row["augment_ips"] > 0
     assert row["cache_build_s"] > 0 and row["decode_ips"] > 0 and row["loader_e2_ips"] > 0

@@ -111,13 +111,42 @@ def test_the_command_run_all_sh_calls_exits_non_zero_with_the_message(tmp_path):
     assert script.index("python -m offroadseg.device --check || exit 2") < script.index("# --- data:")
 
 
-def test_precision_rule_lives_in_device(monkeypatch):
+def gpu_of_capability(monkeypatch, capability):
+    """torch.cuda answering as a GPU of `capability` would; records which device each question named."""
+    asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
-                        and False)
+
+    def get_device_capability(which=None):
+        asked.append(which)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    # torch.autocast("cuda", bfloat16) asks this itself (the project's rule never does)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability >= (8, 0))
+    return asked
+
+
+def test_precision_rule_lives_in_device(monkeypatch):
+    gpu_of_capability(monkeypatch, (7, 5))
     assert device.resolve_precision("auto") == "fp16"  # a T4: bf16 only by emulation
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    gpu_of_capability(monkeypatch, (6, 0))
+    assert device.resolve_precision("auto") == "fp16"  # a P100
+    asked = gpu_of_capability(monkeypatch, (9, 0))
     assert device.resolve_precision("auto") == "bf16"
+    # Each process asks the GPU it was given, never "the current one" (a context on GPU 0 from every rank).
+    assert device.resolve_precision("auto", torch.device("cuda", 1)) == "bf16"
+    assert asked[-1] == torch.device("cuda", 1)
+    assert device.resolve_precision("auto", "cpu") == "no" and device.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_channels_last_pays_on_tensor_cores_only(monkeypatch):
+    assert not device.tensor_cores("cpu") and device.compute_capability("cpu") is None
+    gpu_of_capability(monkeypatch, (6, 0))  # P100: no tensor cores
+    assert not device.tensor_cores("cuda") and not device.native_bf16("cuda")
+    gpu_of_capability(monkeypatch, (7, 5))  # T4
+    assert device.tensor_cores("cuda") and not device.native_bf16("cuda")
+    gpu_of_capability(monkeypatch, (9, 0))  # H100 / H200
+    assert device.tensor_cores("cuda") and device.native_bf16("cuda")
 
 
 def test_inference_precision_follows_the_training_rule_on_gpus_and_is_fp32_on_the_cpu(monkeypatch):
@@ -126,11 +155,9 @@ def test_inference_precision_follows_the_training_rule_on_gpus_and_is_fp32_on_th
     assert device.precision_name(cpu, "bf16") == "bf16"  # forced: autocast's CPU path
     with pytest.raises(ValueError, match="precision must be one of"):
         device.inference_autocast(cpu, "half")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
-                        and False)
+    gpu_of_capability(monkeypatch, (7, 5))
     assert device.precision_name("cuda") == "fp16"  # a T4, as in training
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    gpu_of_capability(monkeypatch, (8, 0))
     assert device.precision_name("cuda") == "bf16" and device.precision_name("cuda", "fp32") == "fp32"
 
 

@@ -375,13 +375,19 @@ def test_a_failed_background_write_stops_the_run(tmp_path, monkeypatch):
         evaluate.predict_files(OnMeta(), sorted(folder.glob("*.png")), tmp_path / "out", (8, 8), progress=False)
 
 
-def test_onnx_on_a_gpu_without_the_cuda_provider_says_what_to_install(onnx_file, tmp_path, capsys, monkeypatch):
+def test_onnx_on_a_gpu_without_the_cuda_provider_falls_back_to_the_cpu_in_one_line(onnx_file, tmp_path, capsys,
+                                                                                    monkeypatch):
+    # The GPU image's onnxruntime is the CPU-only wheel: predicting still works, and says why it is slow.
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     folder = images_folder(tmp_path / "frames", sizes=((24, 40),), jpeg_too=False)
-    assert predict.main([str(onnx_file), str(folder), "--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
-    assert "onnxruntime-gpu" in capsys.readouterr().err
+    assert predict.main([str(onnx_file), str(folder), "--out", str(tmp_path / "out"), "--device", "cuda"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "CUDAExecutionProvider" in line]
+    assert len(notes) == 1 and "onnxruntime-gpu" in notes[0] and "CPU" in notes[0]
+    assert len(list((tmp_path / "out" / "raw").glob("*.png"))) == 1
+    with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider"):
+        assert export.OnnxModel(onnx_file, device="cuda").providers == ["CPUExecutionProvider"]
     assert export.onnx_providers("auto") == ["CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert export.onnx_providers("auto")[0] == "CUDAExecutionProvider"

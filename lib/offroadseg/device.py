@@ -14,7 +14,10 @@ The rule, for training, inference, benchmarks, export, uncertainty and bench/:
   back where and as it was afterwards: helpers never move a caller's model.
 - Training: `resolve_precision` turns a
   TrainConfig.precision into accelerate's mixed_precision value: bf16 where the GPU has it
-  natively, fp16 on other GPUs (T4), fp32 on the CPU.
+  natively (compute capability 8.0 and up), fp16 on other GPUs (T4, P100), fp32 on the CPU.
+  It asks the GPU it is given, never "the current one": under DDP each process asks its own,
+  once accelerate has set it (`engine.make_accelerator`), so no process opens a CUDA context
+  on another's GPU. `tensor_cores` says where channels_last pays (compute capability 7.0 and up).
 - Inference runs under `torch.inference_mode()` with the same choice as autocast
   (`inference_autocast`), so a model is evaluated in the precision it was trained in;
   probabilities are computed in fp32 from the (possibly half-precision) logits.
@@ -50,21 +53,41 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed_precision value ("no", "bf16", "fp16") for a TrainConfig.precision."""
+def compute_capability(device=None) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA `device` (None: the default device); None for a CPU. Asks `device`
+    itself (torch caches the answer per GPU), so a process never touches a GPU it was not given."""
+    device = default_device(device)
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def native_bf16(device=None) -> bool:
+    """bf16 in hardware (Ampere, compute 8.0, and newer). A T4 (7.5) "supports" bf16 only by slow
+    emulation, so there and on a P100 (6.0) training and inference use fp16."""
+    capability = compute_capability(device)
+    return capability is not None and capability >= (8, 0)
+
+
+def tensor_cores(device=None) -> bool:
+    """Whether `device` has tensor cores (compute 7.0 and up: V100, T4, A100, H100, ...), the only
+    place where channels_last (NHWC) activations pay; on a P100 or a CPU they cost time."""
+    capability = compute_capability(device)
+    return capability is not None and capability >= (7, 0)
+
+
+def resolve_precision(precision: str, device=None) -> str:
+    """Accelerate's mixed_precision value ("no", "bf16", "fp16") for a TrainConfig.precision on
+    `device` (None: the default device)."""
     explicit = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
     if precision in explicit:
         return explicit[precision]
     if precision != "auto":
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU"):
+    device = default_device(device)
+    if device.type != "cuda" or _flag("ACCELERATE_USE_CPU"):
         return "no"
-    # including_emulation=False: a T4 "supports" bf16 only by slow emulation; use fp16 there.
-    try:
-        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the argument
-        bf16 = torch.cuda.is_bf16_supported()
-    return "bf16" if bf16 else "fp16"
+    return "bf16" if native_bf16(device) else "fp16"
 
 
 # ------------------------------------------------------------------ devices
@@ -109,7 +132,7 @@ def inference_autocast(device, precision: str = "auto") -> contextlib.AbstractCo
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     device = torch.device(device)
     if precision == "auto":
-        precision = resolve_precision("auto") if device.type == "cuda" else "no"
+        precision = resolve_precision("auto", device)
     if precision in ("no", "fp32"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -15,6 +15,7 @@ whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from . import checkpoints
 from .classes import NUM_CLASSES
-from .device import default_device, resolve_precision
+from .device import default_device, device_name, resolve_precision, tensor_cores
 from .evaluate import evaluate_model
 from .files import write_json
 from .losses import cross_entropy
@@ -56,7 +57,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     prune_decoder: float = 0.0  # fraction of decoder conv/linear weights L1-pruned; 0 = off
     max_bad_steps: int = 5  # this many non-finite steps in a row stop training (TrainingDiverged)
-    channels_last: bool | None = None  # NHWC activations (tensor cores' layout); None = on CUDA only
+    channels_last: bool | None = None  # NHWC activations (tensor cores' layout); None = where the GPU has tensor cores
     compile: bool = False  # torch.compile the model: minutes of compiling, so it pays only on long GPU runs
     sync_every: int = 50  # read the steps' losses and skip verdicts from the device every this many steps
 
@@ -64,10 +65,14 @@ class TrainConfig:
 # ------------------------------------------------------------------ optimisation set-up
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(precision: str = "auto") -> Accelerator:
+    """Accelerate's Accelerator for a TrainConfig.precision, the precision decided once, here, on this
+    process's own GPU (`device.resolve_precision`): accelerate's process state is made first, which
+    sets each process's GPU, so that no process asks (and opens a CUDA context on) GPU 0."""
     # cpu=True where there is no CUDA GPU, so that a CPU launch with torchrun / accelerate
     # launch runs DDP over gloo instead of falling back to one process.
     cpu = default_device().type != "cuda"
+    mixed_precision = resolve_precision(precision, PartialState(cpu=cpu).device)
     # non_blocking: batches go to the GPU from pinned memory without the host waiting for the
     # copy (a blocking copy is a host sync per batch, which leaves the GPU idle meanwhile).
     settings = dict(mixed_precision=mixed_precision, cpu=cpu,
@@ -107,16 +112,60 @@ def warmup_cosine(warmup_steps: float, total_steps: float, min_lr_ratio: float) 
     return multiplier
 
 
-def _training_backends(device: torch.device) -> bool:
-    """Settings for fixed-size training on `device`; returns cudnn.benchmark's previous value.
+@contextlib.contextmanager
+def training_backends(device: torch.device):
+    """torch's global settings for fixed-size training on `device`, for the block, then as they were.
 
-    On CUDA, cudnn.benchmark times the convolution algorithms once per input shape and keeps
-    the fastest: a win when every batch has the training size (a few slow first steps).
+    On CUDA: cudnn.benchmark (times the convolution algorithms once per input shape and keeps the
+    fastest: a win when every batch has the training size, for a few slow first steps) and
+    TF32 matrix products for what runs in fp32 (`set_float32_matmul_precision("high")`: the loss,
+    fp32 runs; Ampere and newer). Nothing changes on a CPU.
     """
-    previous = torch.backends.cudnn.benchmark
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return previous
+    benchmark, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    try:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.set_float32_matmul_precision(matmul)
+
+
+def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format:
+    """channels_last where it pays, on GPUs with tensor cores (compute 7.0 and up), unless the config says."""
+    channels_last = tensor_cores(device) if config.channels_last is None else config.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
+    """(AdamW, its warm-up + cosine LambdaLR, the LR multiplier): the multiplier, for a resume to re-apply."""
+    # Fused: one kernel per step, and it can skip a bad step on the device (see train_step.guarded_step).
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=True)
+    # Counted in single-process batches: accelerate steps the scheduler once per process.
+    lr_multiplier = warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch,
+                                  config.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier), lr_multiplier
+
+
+def backend_record(accelerator: Accelerator, config: TrainConfig, memory: torch.memory_format, workers: int) -> dict:
+    """How this process trains, as history.json's rows and run.json record it (an epoch resumed on
+    another machine may differ): device, precision, layout, loader workers, processes."""
+    return {"device": device_name(accelerator.device), "processes": accelerator.num_processes,
+            "precision": {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision),
+            "channels_last": memory == torch.channels_last, "loader_workers": workers,
+            "persistent_workers": workers > 0, "compile": config.compile,
+            "cudnn_benchmark": accelerator.device.type == "cuda", "tf32_matmul": accelerator.device.type == "cuda"}
+
+
+def backend_line(backend: dict) -> str:
+    """The backend record as the one line fit prints before training."""
+    processes = f" x {backend['processes']} processes" if backend["processes"] > 1 else ""
+    settings = [backend["precision"], "channels_last" if backend["channels_last"] else "contiguous (NCHW)",
+                f"{backend['loader_workers']} loader workers per loader" + (" (persistent)" if backend["persistent_workers"]
+                                                                             else "")]
+    settings += [name for name in ("compile", "cudnn_benchmark", "tf32_matmul") if backend[name]]
+    return f"training on {backend['device']}{processes}: {', '.join(settings)}"
 
 
 # ---------------------------------------------------------------------------- training
@@ -163,7 +212,7 @@ def fit(
     if config.sync_every < 1:
         raise ValueError(f"sync_every must be at least 1 (steps between reads of the losses), got {config.sync_every}")
     out_dir = Path(out_dir)
-    accelerator = make_accelerator(resolve_precision(config.precision))
+    accelerator = make_accelerator(config.precision)
     set_seed(config.seed)
     say = accelerator.print
     setup = {"spec": getattr(model, "spec", None), "num_processes": accelerator.num_processes,
@@ -176,10 +225,10 @@ def fit(
         prune_decoder(model, config.prune_decoder)
     loaders = make_loaders(train_set, val_set, config.batch_size, config.seed, config.num_workers, sample_weights,
                            accelerator.process_index, accelerator.num_processes, accelerator.device.type == "cuda")
-    optimizer, scheduler, lr_multiplier = _make_optimizer_and_schedule(model, config, len(loaders.train))
+    optimizer, scheduler, lr_multiplier = make_optimizer(model, config, len(loaders.train))
 
-    memory_format = _memory_format(config, accelerator.device)
-    model = model.to(memory_format=memory_format)
+    layout = memory_format(config, accelerator.device)
+    model = model.to(memory_format=layout)
     if config.compile:
         model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
     model, optimizer, loaders.train, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
@@ -187,33 +236,38 @@ def fit(
         raise ValueError(f"{len(train_set)} train samples make no full batch of {config.batch_size} "
                          f"on each of {accelerator.num_processes} processes; lower batch_size")
     trainer = _Trainer(config, out_dir, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler,
-                       loaders, memory_format, loss_fn, step_loss, batch_transform)
+                       loaders, layout, loss_fn, step_loss, batch_transform)
     record = _resume(checkpoint, resume_path, trainer, lr_multiplier)
     del checkpoint  # its tensors are loaded; free the memory
+    backend = backend_record(accelerator, config, layout, loaders.workers)
 
-    cudnn_benchmark = _training_backends(accelerator.device)
-    if record.start_epoch <= config.epochs:  # a batch too large for the GPU shows here, in seconds
-        with out_of_memory_advice(config, None, record.start_epoch, 0, out_dir):
-            say(trial_line(trainer.unwrapped, train_set, config, accelerator, memory_format, batch_transform,
-                           step_loss or (lambda m, x, y: loss_fn(m(x), y))))
-    skips = SkippedSteps(config, out_dir, record.skipped_steps, accelerator.scaler, warn=accelerator.is_main_process)
+    with training_backends(accelerator.device):
+        try:
+            if record.start_epoch <= config.epochs:  # a batch too large for the GPU shows here, in seconds
+                say(backend_line(backend))
+                with out_of_memory_advice(config, None, record.start_epoch, 0, out_dir):
+                    say(trial_line(trainer.unwrapped, train_set, config, accelerator, layout, batch_transform,
+                                   step_loss or (lambda m, x, y: loss_fn(m(x), y))))
+            skips = SkippedSteps(config, out_dir, record.skipped_steps, accelerator.scaler,
+                                 warn=accelerator.is_main_process)
 
-    for epoch in range(record.start_epoch, config.epochs + 1):
-        if config.patience and epoch - 1 - record.best_epoch >= config.patience:
-            say(f"early stop: no val mIoU gain for {config.patience} epochs "
-                f"(best {record.best_miou:.4f} at epoch {record.best_epoch})")
-            break
-        started = time.perf_counter()
-        train = _train_epoch(trainer, epoch, skips, show_progress=progress)
-        _share_process_0_buffers(trainer)
-        with out_of_memory_advice(config, None, epoch, None, out_dir):
-            val = evaluate(trainer.unwrapped, loaders.val, loss_fn, accelerator)
-        row = _history_row(epoch, train, val, scheduler.get_last_lr()[0], started)
-        improved = record.add(row, val["miou"], skips.total)
-        _save_epoch(trainer, record, improved, setup, inference)
-        say(_epoch_line(row, config.epochs, train, val, improved))
-
-    _finish(trainer, cudnn_benchmark)
+            for epoch in range(record.start_epoch, config.epochs + 1):
+                if config.patience and epoch - 1 - record.best_epoch >= config.patience:
+                    say(f"early stop: no val mIoU gain for {config.patience} epochs "
+                        f"(best {record.best_miou:.4f} at epoch {record.best_epoch})")
+                    break
+                started = time.perf_counter()
+                train = _train_epoch(trainer, epoch, skips, show_progress=progress)
+                _share_process_0_buffers(trainer)
+                with out_of_memory_advice(config, None, epoch, None, out_dir):
+                    val = evaluate(trainer.unwrapped, loaders.val, loss_fn, accelerator)
+                row = _history_row(epoch, train, val, scheduler.get_last_lr()[0], started, backend)
+                improved = record.add(row, val["miou"], skips.total)
+                _save_epoch(trainer, record, improved, setup, inference)
+                say(_epoch_line(row, config.epochs, train, val, improved))
+        finally:
+            _release(trainer)
+    accelerator.wait_for_everyone()  # every process returns once process 0's files are complete
     return record.history
 
 
@@ -232,7 +286,7 @@ class _Trainer:
     optimizer: torch.optim.Optimizer  # accelerate's wrapper of the fused AdamW
     scheduler: torch.optim.lr_scheduler.LRScheduler  # accelerate's wrapper of the LambdaLR
     loaders: Loaders
-    memory_format: torch.memory_format
+    memory_format: torch.memory_format  # the model's and batches' layout (`memory_format`)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None
     batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
@@ -264,6 +318,7 @@ class _TrainedEpoch:
     images: float  # images trained on, all processes (skipped steps included)
     seconds: float  # the training pass alone
     skipped: int  # steps skipped in this epoch
+    overflows: int  # of them, fp16 overflows while the grad scaler calibrated (no fault)
 
 
 def _load_resume_weights(model: nn.Module, out_dir: Path, config: TrainConfig,
@@ -279,21 +334,6 @@ def _load_resume_weights(model: nn.Module, out_dir: Path, config: TrainConfig,
         checkpoints.check_resumable(checkpoint, asdict(config), setup, path)
         model.load_state_dict(checkpoint["model"])
     return checkpoint, path
-
-
-def _make_optimizer_and_schedule(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
-    """(AdamW, its warm-up + cosine LambdaLR, the LR multiplier): the multiplier, for a resume to re-apply."""
-    # Fused: one kernel per step, and it can skip a bad step on the device (see train_step.guarded_step).
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, fused=True)
-    # Counted in single-process batches: accelerate steps the scheduler once per process.
-    lr_multiplier = warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch,
-                                  config.min_lr_ratio)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier), lr_multiplier
-
-
-def _memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format:
-    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _resume(checkpoint: dict | None, path: Path | None, trainer: _Trainer, lr_multiplier) -> _RunRecord:
@@ -318,8 +358,8 @@ def _train_epoch(trainer: _Trainer, epoch: int, skips: SkippedSteps, show_progre
     started = time.perf_counter()
     config, accelerator, scheduler = trainer.config, trainer.accelerator, trainer.scheduler
     trainer.model.train()
-    trainer.loaders.train.set_epoch(epoch)  # the epoch's sample order (EpochSampler)
-    seed_epoch(config.seed, epoch, accelerator.process_index, trainer.loaders.worker_seeds)
+    trainer.loaders.train.set_epoch(epoch)  # the epoch's sample order and the samples' seeds (EpochSampler)
+    seed_epoch(config.seed, epoch, accelerator.process_index)
     stats = StepStats.zeros(accelerator.device)
     skips.start_epoch()
     bar = tqdm(trainer.loaders.train, desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True,
@@ -341,7 +381,7 @@ def _train_epoch(trainer: _Trainer, epoch: int, skips: SkippedSteps, show_progre
     skips.read()
     bar.close()
     loss, images_seen = stats.totals(accelerator)  # a host read: the epoch's device work is done
-    return _TrainedEpoch(loss, images_seen, time.perf_counter() - started, skips.in_epoch)
+    return _TrainedEpoch(loss, images_seen, time.perf_counter() - started, skips.in_epoch, skips.overflows_in_epoch)
 
 
 def _share_process_0_buffers(trainer: _Trainer) -> None:
@@ -357,8 +397,9 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _history_row(epoch: int, train: _TrainedEpoch, val: dict, lr: float, started: float) -> dict:
-    """One epoch of history.json (NaN scores as null); `started` is when the epoch began."""
+def _history_row(epoch: int, train: _TrainedEpoch, val: dict, lr: float, started: float, backend: dict) -> dict:
+    """One epoch of history.json (NaN scores as null); `started` is when the epoch began, `backend`
+    how it trained (`backend_record`)."""
     return {
         "epoch": epoch,
         "train_loss": _json_safe(train.loss),
@@ -370,6 +411,7 @@ def _history_row(epoch: int, train: _TrainedEpoch, val: dict, lr: float, started
         "seconds": round(time.perf_counter() - started, 3),
         "images_per_s": round(train.images / max(train.seconds, 1e-9), 2),
         "skipped_steps": train.skipped,
+        "backend": backend,
     }
 
 
@@ -394,14 +436,14 @@ def _epoch_line(row: dict, epochs: int, train: _TrainedEpoch, val: dict, improve
     return (f"epoch {row['epoch']}/{epochs}  train_loss {train.loss:.4f}  val_loss {val['loss']:.4f}  "
             f"val_mIoU {val['miou']:.4f}  pixel_acc {val['pixel_acc']:.4f}  lr {row['lr']:.2e}  "
             f"{row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s" + ("  *best" if improved else "")
-            + (f"  ({train.skipped} steps skipped)" if train.skipped else ""))
+            + (f"  ({train.skipped} steps skipped" + (f", {train.overflows} of them fp16 overflows while the grad "
+                                                        f"scaler calibrated" if train.overflows else "") + ")"
+               if train.skipped else ""))
 
 
-def _finish(trainer: _Trainer, cudnn_benchmark: bool) -> None:
-    """Files complete wherever fit returns; cudnn as it was; a plain model handed back (no pruning
-    hooks, no autocast wrapper around its forward)."""
-    trainer.accelerator.wait_for_everyone()
-    torch.backends.cudnn.benchmark = cudnn_benchmark
+def _release(trainer: _Trainer) -> None:
+    """Wherever fit ends, an exception included: a plain model handed back (no pruning hooks, no
+    autocast wrapper around its forward) and accelerate's references to it dropped."""
     remove_pruning(trainer.unwrapped)
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     trainer.accelerator.free_memory()

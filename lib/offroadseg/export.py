@@ -190,17 +190,20 @@ def _fsync(path: str | os.PathLike) -> None:
 
 
 def onnx_providers(device: str = "cpu") -> list[str]:
-    """onnxruntime execution providers for `device`: "cpu"; "cuda" (an error naming what is missing
-    when onnxruntime has no CUDA provider); "auto": CUDA when onnxruntime offers it, else the CPU."""
+    """onnxruntime execution providers for `device`: "cpu"; "cuda" and "auto": CUDA when this
+    onnxruntime has it (the onnxruntime-gpu build), else the CPU. Asked for "cuda" where the build
+    lacks it (the plain onnxruntime wheel, as on many GPU images), it says so in one warning line
+    and runs on the CPU: the ONNX model still predicts, only slower."""
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto":
-        return ["CPUExecutionProvider"]
-    raise ValueError(f"onnxruntime here offers {available}, no CUDAExecutionProvider: install onnxruntime-gpu "
-                     "for ONNX on the GPU, or use --device cpu")
+    if device != "auto":
+        warnings.warn(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider ({', '.join(available)}): "
+                      f"the ONNX model runs on the CPU; install onnxruntime-gpu for ONNX on the GPU",
+                      RuntimeWarning, stacklevel=2)
+    return ["CPUExecutionProvider"]
 
 
 def onnx_session(onnx_path: str | os.PathLike, threads: int | None = None, device: str = "cpu"):

@@ -150,10 +150,13 @@ def load_predictor(model_path: Path, device_name: str, input_size=None):
 
         try:
             providers = {"cpu": "cpu", "auto": "auto"}.get(device_name, "cuda")
-            predictor = OnnxModel(model_path, device=providers)
-        except ValueError as err:  # --device cuda where onnxruntime has no CUDA provider
-            if "CUDAExecutionProvider" in str(err):
-                raise UsageError(f"--device {device_name}: {err}") from None
+            # --device cuda where onnxruntime has no CUDA provider: one line saying so, then the CPU
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                predictor = OnnxModel(model_path, device=providers)
+            for warning in caught:
+                print(f"note: {warning.message}", file=sys.stderr)
+        except ValueError as err:
             raise UsageError(f"MODEL {model_path}: not a readable ONNX model ({err})") from None
         except Exception as err:  # onnxruntime's InvalidProtobuf, InvalidGraph, ...
             raise UsageError(f"MODEL {model_path}: not a readable ONNX model ({type(err).__name__}: {err})") from None

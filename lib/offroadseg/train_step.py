@@ -5,9 +5,12 @@ device, and the update of a bad step is dropped by the fused AdamW kernel itself
 The host reads them every `sync_every` steps, every step while a run of bad steps is open, and
 at the epoch's end (`SkippedSteps`, `StepStats`), so the GPU is never left waiting for Python.
 
-Faults: a non-finite loss or gradient skips the step with a warning (with fp16, so does a step the
-grad scaler skips as an overflow); `max_bad_steps` of them in a row stop training
-(`TrainingDiverged`) with advice. Running out of memory stops it with a message suggesting a
+Faults: a non-finite loss or gradient skips the step with a warning; `max_bad_steps` of them in a
+row stop training (`TrainingDiverged`) with advice. With fp16, a step the grad scaler skips as an
+overflow is counted as skipped but is no fault while the scale is still at least 1: the scaler
+starts at 65536 and halves at each overflow until the scaled gradients fit fp16, and skipped
+steps meanwhile are normal (torch's AMP documentation says so). Only an overflow at a scale below
+1, where the gradients are non-finite however small the scaling, counts toward the stop. Running out of memory stops it with a message suggesting a
 smaller batch or input size (`out_of_memory_advice`). Either way last.pt holds the last finished epoch.
 
 `config` below is the run's `engine.TrainConfig`, read for its settings (engine imports this
@@ -34,7 +37,10 @@ class TrainingDiverged(RuntimeError):
 
 
 # A step's verdict, a device tensor: applied, or skipped and why (read by SkippedSteps).
-STEP_APPLIED, BAD_LOSS, BAD_GRADIENTS, FP16_OVERFLOW = 0, 1, 2, 3
+# FP16_OVERFLOW: the grad scaler calibrating (no fault); FP16_COLLAPSED: an overflow at a scale below 1.
+STEP_APPLIED, BAD_LOSS, BAD_GRADIENTS, FP16_OVERFLOW, FP16_COLLAPSED = 0, 1, 2, 3, 4
+# Below this grad scale an fp16 overflow is no longer calibration: the gradients themselves are non-finite.
+MIN_FP16_SCALE = 1.0
 
 
 def guarded_step(model: nn.Module, optimizer, accelerator: Accelerator, images: torch.Tensor, masks: torch.Tensor,
@@ -47,7 +53,8 @@ def guarded_step(model: nn.Module, optimizer, accelerator: Accelerator, images: 
     skipped without the host ever reading the verdict. Under DDP the loss's finiteness is
     agreed by an all-reduce and the gradients are the all-reduced ones, so every process
     skips the same steps. With fp16 the grad scaler unscales first; a step it would skip as an
-    overflow (non-finite unscaled gradients) is FP16_OVERFLOW, and its update() shrinks the scale.
+    overflow (non-finite unscaled gradients) is FP16_OVERFLOW while the step's scale was at least
+    MIN_FP16_SCALE, else FP16_COLLAPSED, and its update() shrinks the scale.
     """
     optimizer.zero_grad(set_to_none=True)
     with accelerator.autocast():
@@ -70,7 +77,12 @@ def guarded_step(model: nn.Module, optimizer, accelerator: Accelerator, images: 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    bad_gradients = FP16_OVERFLOW if scaler is not None else BAD_GRADIENTS
+    if scaler is not None:
+        # The scale this step used, as a device tensor: GradScaler.scale() of a one (get_scale() would sync).
+        step_scale = scaler.scale(torch.ones((), device=loss.device))
+        bad_gradients = torch.where(step_scale >= MIN_FP16_SCALE, FP16_OVERFLOW, FP16_COLLAPSED)
+    else:
+        bad_gradients = torch.tensor(BAD_GRADIENTS, device=loss.device)
     verdict = torch.where(loss_ok, torch.where(torch.isfinite(grad_norm), STEP_APPLIED, bad_gradients), BAD_LOSS)
     inner.found_inf = (verdict != STEP_APPLIED).float()
     try:
@@ -120,18 +132,21 @@ class SkippedSteps:
     stops at the step where it reaches `max_bad_steps` in a row, as when every step was read);
     the epoch's end reads the rest. A read replays the verdicts in order: a warning per skipped
     step, the counts, and TrainingDiverged at `max_bad_steps` in a row. Every process holds the
-    same verdicts (see `guarded_step`), so all stop at the same read.
+    same verdicts (see `guarded_step`), so all stop at the same read. An fp16 overflow while the
+    grad scaler calibrates (FP16_OVERFLOW) is counted as skipped, without a warning, and neither
+    adds to nor ends a run of bad steps.
     """
 
     def __init__(self, config, out_dir: Path, skipped: int, scaler, warn: bool):
         self.config, self.out_dir, self.scaler, self.warn = config, out_dir, scaler, warn
         self.total = skipped  # over the whole run, resumed epochs included
         self.in_epoch = 0
+        self.overflows_in_epoch = 0  # of in_epoch: the grad scaler calibrating
         self.in_a_row = 0  # bad steps since the last applied one; runs on across epochs
         self.pending: list[tuple[int, int, torch.Tensor]] = []  # (epoch, step, verdict) not read yet
 
     def start_epoch(self) -> None:
-        self.in_epoch = 0
+        self.in_epoch = self.overflows_in_epoch = 0
 
     def record(self, epoch: int, step: int, verdict: torch.Tensor) -> None:
         self.pending.append((epoch, step, verdict))
@@ -150,6 +165,9 @@ class SkippedSteps:
                 continue
             self.total += 1
             self.in_epoch += 1
+            if verdict == FP16_OVERFLOW:
+                self.overflows_in_epoch += 1
+                continue
             self.in_a_row += 1
             what = self._describe(verdict)
             if self.in_a_row >= self.config.max_bad_steps:
@@ -162,9 +180,9 @@ class SkippedSteps:
     def _describe(self, verdict: int) -> str:
         if verdict == BAD_LOSS:
             return "loss"
-        if verdict == FP16_OVERFLOW:
-            return (f"gradients (an fp16 overflow: the grad scaler skipped the step, its scale is now "
-                    f"{self.scaler.get_scale():g})")
+        if verdict == FP16_COLLAPSED:
+            return (f"gradients (an fp16 overflow at a grad scale below {MIN_FP16_SCALE:g}, so not the scaler "
+                    f"calibrating: its scale is now {self.scaler.get_scale():g})")
         return "gradients"
 
 

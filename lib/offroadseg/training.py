@@ -374,7 +374,9 @@ class TeacherChapter:
         pipeline.demo_check(self.ctx, f"best val mIoU >= {min_demo_miou}", best["val_miou"] >= min_demo_miou,
                             f"{best['val_miou']:.3f}")
         print("checkpoints:", sorted(path.name for path in self.model_dir.glob("*.pt")))
-        pipeline.finish(self.ctx, best_val_miou=best["val_miou"], best_epoch=best["epoch"])
+        # backend: how the last epoch trained (device, precision, channels_last, loader workers), in run.json
+        pipeline.finish(self.ctx, best_val_miou=best["val_miou"], best_epoch=best["epoch"],
+                        backend=self.history[-1].get("backend"))
 
 
 def teacher_chapter(ctx, role: str, title: str, weights_dir=None, **overrides) -> TeacherChapter:
