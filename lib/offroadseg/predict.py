@@ -99,13 +99,12 @@ def collect_inputs(inputs, out_dir: Path) -> tuple[list[Path], list[tuple[Path, 
 
 
 def parse_size(text: str) -> tuple[int, int]:
+    from .modelinfo import parse_input_size  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
+
     try:
-        height, width = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--input-size must be HxW (height x width, e.g. 160x288), got {text!r}") from None
-    if height <= 0 or width <= 0:
-        raise UsageError(f"--input-size must be positive, got {text!r}")
-    return height, width
+        return parse_input_size(text)
+    except ValueError as err:
+        raise UsageError(f"--input-size {err}") from None
 
 
 def parse_tta(text: str, recorded) -> tuple[str, ...]:
