@@ -21,7 +21,7 @@ Where HF's pipeline and `python -m offroadseg.predict` differ (they agree on >= 
 tests/test_hf_export.py): the pipeline upsamples the stride-4 logits to the image size in one
 bilinear step, predict goes through the input size first (the model's own forward); and the
 pipeline applies no test-time flips (the record's `tta_flips` are for predict). transformers
-4.x's SegformerImageProcessor resizes with PIL (antialiased bilinear as well, rounding differs).
+4.x's (slow) SegformerImageProcessor may resize with PIL (antialiased bilinear too; rounding differs).
 
 DeepLab models have no such form: they are torchvision modules, not transformers models, so no
 transformers class can load them; use the checkpoint itself or its ONNX export (`export_onnx`).
