@@ -104,6 +104,13 @@ def test_cli_picks_the_segformer_of_a_run_whose_student_is_a_deeplab_and_replace
     assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 64, "width": 96}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old folders left
 
+    full = tmp_path / "outputs" / "full"  # the full profile's student is a SegFormer: auto takes it
+    for role in ("segformer", "student"):
+        (full / "models" / role).mkdir(parents=True)
+        (full / "models" / role / "best.pt").write_bytes((run / "models" / "segformer" / "best.pt").read_bytes())
+    assert export.main(["hf", str(full), str(tmp_path / "hf-student")]) == 0
+    assert f"{full / 'models' / 'student' / 'best.pt'} (segformer-b0" in capsys.readouterr().out
+
 
 def test_deeplab_onnx_and_other_bad_sources_are_one_line_errors_with_status_2(run, tmp_path, capsys):
     def refused(*argv) -> str:
