@@ -301,8 +301,8 @@ def _exclusive(path: Path, progress: bool):
     """Hold an exclusive lock on `path` (created if missing) against every other process.
 
     An OS lock (`filelock.FileLock`) rather than a "lock file exists" test: the OS drops the lock
-    when its holder dies, so a killed build never leaves the cache locked (on Unix the empty file
-    stays; where flock is missing filelock's soft lock reclaims a dead holder's file).
+    when its holder dies, so a killed build never leaves the cache locked (whether the empty file
+    stays is filelock's choice; where flock is missing its soft lock reclaims a dead holder's file).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)

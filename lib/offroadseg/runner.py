@@ -54,6 +54,8 @@ RESERVED = {"run": "--run", "profile": "--profile", "data": "--data", "weights":
 # How much of what a failing notebook printed is shown headless.
 FAILURE_TAIL_LINES = 15
 FAILURE_MESSAGE_CHARS = 2500
+# Seconds a second runner waits for a run folder's lock before it refuses (filelock polls every 0.05 s).
+RUN_LOCK_WAIT = 0.5
 
 
 def select_notebooks(only: str | None, folder: Path) -> list[Path]:
@@ -154,8 +156,10 @@ class RunLock:
     `filelock.FileLock`: flock on Unix, a msvcrt lock on Windows, both owned by the process, so one
     killed with SIGKILL releases its lock at once and a lock file left behind never blocks the next
     run (where neither exists, filelock's soft lock records the PID and reclaims a dead holder's
-    file). Who holds it is written to `lock.holder` beside it, for the refusal: not into the lock
-    file itself, which Windows keeps unreadable while it is locked and the soft lock fills itself.
+    file: filelock 3.22 removes it on one attempt and takes the lock on the next, hence the short
+    wait, `RUN_LOCK_WAIT`, before a refusal). Who holds it is written to `lock.holder` beside it,
+    for the refusal: not into the lock file itself, which Windows keeps unreadable while it is
+    locked and the soft lock fills itself.
     """
 
     def __init__(self, folder: Path):
@@ -165,7 +169,7 @@ class RunLock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path, timeout=0)
+        lock = FileLock(self.path, timeout=RUN_LOCK_WAIT)
         try:
             lock.acquire()
         except Timeout:
