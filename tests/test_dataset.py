@@ -77,8 +77,8 @@ def test_holds_the_decoded_pairs_as_read_only_views(pairs, tmp_path):
     assert not image.flags.writeable and not mask.flags.writeable
     names = sorted(p.name for p in (tmp_path / "cache").iterdir())
     stem = cache.stem.name
-    # No temporary files left; the (empty) lock file of concurrent builds stays.
-    assert names == [f"{stem}.images.npy", f"{stem}.json", f"{stem}.lock", f"{stem}.masks.npy"]
+    # No temporary files left. The lock file of concurrent builds is filelock's: some releases leave it, empty.
+    assert [n for n in names if n != f"{stem}.lock"] == [f"{stem}.images.npy", f"{stem}.json", f"{stem}.masks.npy"]
     index = json.loads(cache.index_path.read_text())
     assert index["version"] == dataset_module.FORMAT_VERSION and index["size"] == list(SIZE)
     assert index["pairs"][0] == [str(pairs[0][0]), str(pairs[0][1])] and index["pairs"][3][1] is None

@@ -104,3 +104,28 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     with ThreadPoolExecutor(max_workers=4) as pool:
         failed = [(name, err) for name, code, err in pool.map(first, names) if code != 0]
     assert not failed, "\n\n".join(f"import {name} failed:\n{err}" for name, err in failed)
+
+
+# Modules that exist on POSIX only: importing one at the top of a module stops the package
+# importing on Windows (file locks go through `filelock`, which picks the platform's own).
+POSIX_ONLY = {"fcntl", "termios", "tty", "pty", "pwd", "grp", "resource"}
+
+
+def test_no_module_imports_a_posix_only_module():
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found += [(name, alias.name) for alias in node.names if alias.name.split(".")[0] in POSIX_ONLY]
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in POSIX_ONLY:
+                found.append((name, node.module))
+    assert not found, f"POSIX-only imports (the package would not import on Windows): {found}"
+
+
+@pytest.mark.slow
+def test_every_module_imports_where_fcntl_does_not_exist():
+    # As on Windows; the run lock's behaviour there is test_runner.py's no-fcntl test.
+    names = sorted(modules())
+    code = "import sys\nsys.modules['fcntl'] = None\n" + "".join(f"import {name}\n" for name in names)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -191,8 +191,8 @@ def test_cli_skips_unreadable_and_non_image_files_by_name(checkpoint, tmp_path, 
     captured = capsys.readouterr()
     assert code == 1  # some inputs skipped
     assert "broken.png" in captured.err and "notes.txt" in captured.err
-    assert "video needs" in captured.err and "gone.png" in captured.err
-    assert "1 images in" in captured.out and "4 skipped" in captured.out
+    assert "drive.mp4: cannot be decoded as a video" in captured.err and "gone.png" in captured.err
+    assert "1 images in" in captured.out and "3 skipped" in captured.out  # the video is counted on its own
     assert (tmp_path / "out" / "raw" / "png0.png").exists()
 
 

@@ -170,6 +170,33 @@ def test_a_second_runner_on_one_run_folder_refuses_and_a_killed_ones_lock_does_n
         pass
 
 
+def test_without_fcntl_the_run_lock_still_refuses_names_its_holder_and_outlives_a_killed_one(tmp_path):
+    # As on Windows: no fcntl module at all. The children block it before importing anything.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = str(Path(__file__).parent / "no_fcntl_child.py")
+    folder = tmp_path / "outputs" / "r"
+    holder = subprocess.Popen([sys.executable, child, "hold", str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert (folder / "lock.holder").read_text().startswith(f"./run_all.sh (pid {holder.pid} on ")
+        other = subprocess.Popen([sys.executable, child, "try", str(folder)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert other.stdout.readline().strip() == "fcntl importable: False"
+        refusal = other.stdout.readline()
+        assert refusal.startswith(f"refused: run folder {folder} is in use by ./run_all.sh (pid {holder.pid} on "), refusal
+    finally:
+        holder.kill()  # as hard as a kill gets: nothing of the holder's own cleanup runs
+        holder.wait()
+    assert (folder / "lock").exists()  # left behind, yet it must not block
+    out, err = other.communicate("go\n", timeout=60)
+    assert other.returncode == 0, err[-2000:]
+    assert out.splitlines() == ["acquired", "decode cache of 2 pairs: (6, 10, 3)"]
+    assert not (folder / "lock.holder").exists()  # a finished run takes its name away
+
+
 @pytest.mark.slow
 def test_main_checks_the_data_before_any_run_folder_and_names_the_run(tmp_path, monkeypatch, capsys):
     from helpers import make_small_dataset

@@ -82,9 +82,12 @@ def test_snapshot_keeps_old_contents_while_the_run_rewrites_its_files(tmp_path):
     (run.dir / "models" / "segformer").mkdir(parents=True)
     (run.dir / "models" / "segformer" / "best.pt").write_bytes(b"weights v1")
     (run.dir / "models" / "segformer" / ".best.pt.x.tmp").write_bytes(b"half")
+    (run.dir / "lock").write_text("")
+    (run.dir / "lock.holder").write_text("./run_all.sh (pid 1 ...)")
 
     kept = runs.snapshot(run)
     assert kept.parent == run.dir / "earlier"
+    assert not (kept / "lock").exists() and not (kept / "lock.holder").exists()  # the runner's now, not the run's
     assert (kept / "models" / "segformer" / "best.pt").stat().st_ino == (run.dir / "models" / "segformer" / "best.pt").stat().st_ino
     assert not (kept / "models" / "segformer" / ".best.pt.x.tmp").exists()
 

@@ -24,7 +24,7 @@ of several splits or sizes sit side by side:
     decode-<hash>.images.npy   uint8 (N, H, W, 3)
     decode-<hash>.masks.npy    uint8 (N, H, W): class indices, 255 = ignore (all 255 for a pair without mask)
     decode-<hash>.json         the index: format version, size, pairs, each file's byte size and mtime_ns
-    decode-<hash>.lock         empty; held (flock) while a process builds the cache
+    decode-<hash>.lock         held (`filelock`) while a process builds the cache
 
 A cache is used only when its index matches the current files exactly and
 both arrays have the expected shape and file length; otherwise it is rebuilt.
@@ -38,7 +38,8 @@ to reclaim their space.
 
 Several processes (the ranks of a DDP run, two notebooks) asking for the same
 cache at once: a build holds an exclusive lock on `decode-<hash>.lock`
-(`fcntl.flock`, released by the OS even if the process dies), and a process
+(`filelock`: flock on Unix, msvcrt on Windows, released by the OS even if the
+process dies), and a process
 that waited for it checks again and opens what the other built. So the pairs
 are decoded once, and no process replaces files another has mapped.
 
@@ -50,7 +51,6 @@ folder's `cache/`. Free space for the whole build is checked before any work.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +60,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -299,21 +300,22 @@ def check_free_space(folder: Path, count: int, size: tuple[int, int], replacing=
 def _exclusive(path: Path, progress: bool):
     """Hold an exclusive lock on `path` (created if missing) against every other process.
 
-    flock rather than a "lock file exists" test: the OS drops the lock when its holder dies,
-    so a killed build never leaves the cache locked. The file itself stays (empty).
+    An OS lock (`filelock.FileLock`) rather than a "lock file exists" test: the OS drops the lock
+    when its holder dies, so a killed build never leaves the cache locked (whether the empty file
+    stays is filelock's choice; where flock is missing its soft lock reclaims a dead holder's file).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(f"waiting for another process building the decode cache {path.with_suffix('')} ...", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            print(f"waiting for another process building the decode cache {path.with_suffix('')} ...", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _fingerprint(path: Path) -> list[int]:

@@ -1,4 +1,5 @@
-"""The student as a deployable file: ONNX export, onnxruntime sessions, a parity check against PyTorch.
+"""The student as a deployable file: ONNX export, onnxruntime sessions, a parity check against PyTorch;
+and the command line for exports.
 
     path = export_onnx(model, "outputs/<run>/exports/student.onnx", input_size=(180, 320))
     parity = onnx_parity(model, path, val_loader, max_batches=8)
@@ -35,14 +36,20 @@ bench/RESULTS.md, "Figures moved from docstrings"):
   width)") and the fallback's graph fails to serialise (onnxscript 0.2/0.3), so
   an older torch gets a clear error up front instead.
 
+Command line: `python -m offroadseg.export hf RUN_OR_CKPT DIR [--model NAME]` writes a SegFormer in
+Hugging Face format (`offroadseg.hf_export`, where the details are); exit status 0 when written, 2
+when the source cannot be exported (said in one line, with what to use instead).
+
 Timing here is per ONNX session only (`onnx_latency`); timing of arbitrary
 callables lives in `offroadseg.benchmark`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -56,10 +63,11 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from .checkpoints import CheckpointError
 from .classes import NUM_CLASSES
 from .device import inference_autocast, model_device
 from .metrics import confusion_matrix, scores
-from .modelinfo import inference_info, onnx_info, set_onnx_info
+from .modelinfo import inference_info, onnx_info, parse_input_size, set_onnx_info
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -399,3 +407,53 @@ def onnx_parity(
         miou_diff=None if torch_miou is None else onnx_miou - torch_miou,
     )
     return report
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m offroadseg.export", description="Export a trained model.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    hf = commands.add_parser(
+        "hf", help="a SegFormer (teacher or student) in Hugging Face format",
+        description="Write a SegFormer checkpoint with save_pretrained (config with the class names, image processor "
+                    "config, safetensors weights), loadable offline by transformers.pipeline('image-segmentation', "
+                    "model=DIR) and SegformerForSemanticSegmentation.from_pretrained(DIR). DeepLab models have no "
+                    "such form (exit status 2, with what to use instead).")
+    hf.add_argument("source", metavar="RUN_OR_CKPT",
+                    help="a run folder (outputs/<run>), a model folder (models/<name>) or a checkpoint (best.pt)")
+    hf.add_argument("out", metavar="DIR", help="the folder to write (new, empty, or an earlier export: replaced)")
+    hf.add_argument("--model", default="auto", metavar="NAME",
+                    help="for a run folder: which of its models/<NAME>/ (student, segformer, ...); auto (default): "
+                         "the student when it is a SegFormer, else the segformer teacher")
+    hf.add_argument("--input-size", default=None, metavar="HxW",
+                    help="the input size, for checkpoints that predate the inference record (or to override it)")
+    return parser
+
+
+def main(argv=None) -> int:
+    from . import hf_export  # noqa: PLC0415 (transformers takes seconds to import; only the hf command needs it)
+
+    args = build_parser().parse_args(argv)
+    try:
+        input_size = None
+        if args.input_size:
+            try:
+                input_size = parse_input_size(args.input_size)
+            except ValueError as err:
+                raise hf_export.ExportError(f"--input-size {err}") from None
+        checkpoint = hf_export.resolve_checkpoint(args.source, args.model)
+        result = hf_export.export_hf(checkpoint, args.out, input_size=input_size)
+    except (hf_export.ExportError, CheckpointError, FileNotFoundError) as err:
+        print(f"offroadseg.export: error: {err}", file=sys.stderr)
+        return 2
+    height, width = result["input_size"]
+    print(f"{result['checkpoint']} ({result['model']}, input {height}x{width}) -> {result['dir']}: "
+          f"{', '.join(result['files'])}; logits match the checkpoint to {result['max_abs_logit_diff']:.1g}")
+    print(f"load it with transformers.pipeline('image-segmentation', model={str(result['dir'])!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

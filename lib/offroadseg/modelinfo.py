@@ -61,6 +61,18 @@ def inference_info(input_size: Sequence[int], tta_flips: Sequence[str] = (), spe
     }
 
 
+def parse_input_size(text: str) -> tuple[int, int]:
+    """"HxW" (height x width, e.g. "160x288") as (height, width); a ValueError saying the form otherwise
+    (the command lines' --input-size prefix it with the option's name)."""
+    try:
+        height, width = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"must be HxW (height x width, e.g. 160x288), got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return height, width
+
+
 def to_json(info: dict) -> str:
     return json.dumps(info, sort_keys=True)
 

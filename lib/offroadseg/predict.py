@@ -1,23 +1,30 @@
-"""Segment new images with a trained model: one command, from a checkpoint or an ONNX export.
+"""Segment new images and videos with a trained model: one command, from a checkpoint or an ONNX export.
 
     python -m offroadseg.predict outputs/demo/models/student/best.pt frames/ --out predictions/
     python -m offroadseg.predict outputs/demo/exports/student.onnx 'frames/*.jpg' --out predictions/
+    python -m offroadseg.predict outputs/demo/models/student/best.pt drive.mp4 --out predictions/ --frames
     offroadseg-predict MODEL INPUT... --out DIR [--tta auto|none|h,v] [--batch-size N]
                        [--device auto|cpu|cuda] [--precision auto|fp32|bf16|fp16] [--no-color]
-                       [--input-size HxW]
+                       [--frames] [--input-size HxW]
 
 MODEL: a training checkpoint (`models/<name>/best.pt`, written by `engine.fit`) or an ONNX
 export (fp32 or INT8, notebook 06's `exports/`). Either carries its inference record
 (`offroadseg.modelinfo`: input size, normalisation, class table, TTA flips), so no profile
 or run folder is needed; files from before that record need `--input-size`.
-INPUT: image files (PNG, JPEG, any format Pillow reads), folders (their image files, not
-sub-folders) and globs, resolved from the current directory.
+INPUT: image files (PNG, JPEG, any format Pillow reads), videos (.mp4 .mov .mkv .avi .webm,
+decoded with PyAV), folders (their image and video files, not sub-folders) and globs, resolved
+from the current directory.
 
-Writes DIR/raw/<stem>.png (raw class IDs, 16-bit, the dataset masks' own format) and
-DIR/color/<stem>.png (overlay), each at its image's own size. A file that cannot be read
-is named and skipped; the last line counts images, images/s end to end, skipped files and
-the class share of all predicted pixels. Exit status: 0 when every input was predicted,
-1 when some were skipped (or none could be), 2 for a usage error (named with what to do).
+Images: writes DIR/raw/<stem>.png (raw class IDs, 16-bit, the dataset masks' own format) and
+DIR/color/<stem>.png (overlay), each at its image's own size.
+Videos (`offroadseg.video`), frame by frame in batches: DIR/<stem>_overlay.<ext>, the overlay
+video in the clip's container at its frame rate and size; with --frames also
+DIR/raw/<stem>/<frame index>.png (raw IDs per frame); --no-color --frames writes the PNGs only.
+
+A file that cannot be read or decoded is named and skipped; the summary lines count images
+(or a clip's frames), images (frames) per second end to end, skipped files and the class share
+of all predicted pixels. Exit status: 0 when every input was predicted, 1 when some were
+skipped (or none could be), 2 for a usage error (named with what to do).
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ from pathlib import Path
 from .classes import CLASS_NAMES, RAW_IDS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# Must match offroadseg.video's CONTAINERS (kept here so that --help and usage errors need no PyAV).
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
-VIDEO_MESSAGE = ("video needs its frames as images: extract them first (e.g. `ffmpeg -i {path} frames/%06d.png`), "
-                 "then predict the folder")
+OVERLAY_SUFFIX = "_overlay"  # a video's overlay is DIR/<stem>_overlay.<ext> (offroadseg.video.overlay_path)
 
 
 class UsageError(ValueError):
@@ -44,12 +51,13 @@ class UsageError(ValueError):
 # ------------------------------------------------------------------------------ inputs
 
 
-def collect_inputs(inputs, out_dir: Path) -> tuple[list[Path], list[tuple[Path, str]], int]:
-    """(image files to predict, [(input, why skipped)], non-image files ignored in folders).
+def collect_inputs(inputs, out_dir: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]], int]:
+    """(image files, video files, [(input, why skipped)], other files ignored in folders).
 
     Files named directly are always tried (a non-image one is then skipped by name); folders
-    give their files with an image suffix. An output folder that is, or lies inside, an input
-    folder is refused, and no file under its raw/ or color/ is ever read back as input.
+    give their files with an image or video suffix. An output folder that is, or lies inside, an
+    input folder is refused, and no earlier prediction (a file under its raw/ or color/, an
+    overlay video in it) is ever read back as input.
     """
     out_dir = out_dir.resolve()
     files, skipped, ignored = [], [], 0
@@ -61,7 +69,7 @@ def collect_inputs(inputs, out_dir: Path) -> tuple[list[Path], list[tuple[Path, 
                 raise UsageError(f"--out {out_dir} lies inside the input folder {path}: its predictions would be "
                                  "read back as input next time; choose an output folder outside it")
             for child in sorted(path.iterdir()):
-                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES:
+                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
                     files.append(child)
                 elif child.is_file():
                     ignored += 1
@@ -74,38 +82,40 @@ def collect_inputs(inputs, out_dir: Path) -> tuple[list[Path], list[tuple[Path, 
             files += [m for m in matches if m.is_file()]
         else:
             skipped.append((path, "no such file or folder"))
-    kept = []
+    images, videos = [], []
     outputs = (out_dir / "raw", out_dir / "color")
     for path in files:
         resolved = path.resolve()
         if any(folder in resolved.parents for folder in outputs):
             continue  # an earlier prediction, matched by a glob: never input
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            skipped.append((path, VIDEO_MESSAGE.format(path=path)))
-        elif resolved not in {p.resolve() for p in kept}:
+        is_video = path.suffix.lower() in VIDEO_SUFFIXES
+        if is_video and resolved.parent == out_dir and path.stem.endswith(OVERLAY_SUFFIX):
+            continue  # an earlier overlay video
+        kept = videos if is_video else images
+        if resolved not in {p.resolve() for p in kept}:
             kept.append(path)
-    by_stem: dict[str, list[Path]] = {}
-    for path in kept:
-        by_stem.setdefault(path.stem, []).append(path)
-    clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
-    if clashes:
-        stem, paths = next(iter(clashes.items()))
-        raise UsageError(f"{len(clashes)} name(s) occur twice, e.g. {stem!r}: {', '.join(map(str, paths))}; their "
-                         f"predictions would overwrite each other in --out: predict them into separate folders")
-    return kept, skipped, ignored
+    for kept in (images, videos):
+        by_stem: dict[str, list[Path]] = {}
+        for path in kept:
+            by_stem.setdefault(path.stem, []).append(path)
+        clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+        if clashes:
+            stem, paths = next(iter(clashes.items()))
+            raise UsageError(f"{len(clashes)} name(s) occur twice, e.g. {stem!r}: {', '.join(map(str, paths))}; "
+                             f"their predictions would overwrite each other in --out: predict them into separate folders")
+    return images, videos, skipped, ignored
 
 
 # ------------------------------------------------------------------------------- model
 
 
 def parse_size(text: str) -> tuple[int, int]:
+    from .modelinfo import parse_input_size  # noqa: PLC0415 (torch only after the arguments are checked: --help and usage errors in a blink)
+
     try:
-        height, width = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--input-size must be HxW (height x width, e.g. 160x288), got {text!r}") from None
-    if height <= 0 or width <= 0:
-        raise UsageError(f"--input-size must be positive, got {text!r}")
-    return height, width
+        return parse_input_size(text)
+    except ValueError as err:
+        raise UsageError(f"--input-size {err}") from None
 
 
 def parse_tta(text: str, recorded) -> tuple[str, ...]:
@@ -194,28 +204,42 @@ def load_predictor(model_path: Path, device_name: str, input_size=None):
 # -------------------------------------------------------------------------------- main
 
 
-def summary_line(result: dict, skipped: int) -> str:
-    pixels = result["class_pixels"]
+def class_shares(pixels) -> str:
     total = int(pixels.sum())
-    shares = ", ".join(f"{name} {100 * count / total:.1f}%" for name, count in zip(CLASS_NAMES, pixels) if count) \
-        if total else "none"
+    if not total:
+        return "none"
+    return ", ".join(f"{name} {100 * count / total:.1f}%" for name, count in zip(CLASS_NAMES, pixels) if count)
+
+
+def summary_line(result: dict, skipped: int) -> str:
     rate = result["images"] / result["seconds"] if result["seconds"] > 0 else float("nan")
     return (f"{result['images']} images in {result['seconds']:.1f} s ({rate:.2f} images/s end to end), "
-            f"{skipped} skipped; class share of all pixels: {shares}")
+            f"{skipped} skipped; class share of all pixels: {class_shares(result['class_pixels'])}")
+
+
+def video_line(result: dict) -> str:
+    rate = result["frames"] / result["seconds"] if result["seconds"] > 0 else float("nan")
+    wrote = [f"{result['overlay']} ({result['codec']}, {result['rate']:.4g} frames/s)"] if result["overlay"] else []
+    wrote += [f"{result['raw']}/ (raw IDs per frame)"] if result["raw"] else []
+    return (f"{result['clip']}: {result['frames']} frames in {result['seconds']:.1f} s ({rate:.2f} frames/s end to "
+            f"end) -> {' and '.join(wrote)}; class share of all pixels: {class_shares(result['class_pixels'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offroadseg-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL", help="models/<name>/best.pt or an .onnx export")
-    parser.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders, globs")
-    parser.add_argument("--out", required=True, help="output folder (raw/ and color/ go inside)")
+    parser.add_argument("inputs", metavar="INPUT", nargs="+", help="image and video files, folders, globs")
+    parser.add_argument("--out", required=True,
+                        help="output folder (raw/ and color/ go inside; a video's <stem>_overlay.<ext> too)")
     parser.add_argument("--tta", default="auto", help="auto (the flips the model records), none, or e.g. h,v")
     parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="checkpoints: autocast dtype (auto: bf16/fp16 on a GPU, fp32 on a CPU); ONNX runs as exported")
-    parser.add_argument("--no-color", action="store_true", help="write raw/ only, no overlays")
+    parser.add_argument("--no-color", action="store_true", help="write raw/ only, no overlays (nor overlay videos)")
+    parser.add_argument("--frames", action="store_true",
+                        help="videos: also write raw-ID PNGs per frame, DIR/raw/<stem>/<frame index>.png")
     parser.add_argument("--input-size", default=None, metavar="HxW",
                         help="model input size, for files that predate the inference record (or to override it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -228,29 +252,52 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     out_dir = Path(args.out)
-    files, skipped, ignored = collect_inputs(args.inputs, out_dir)
+    files, videos, skipped, ignored = collect_inputs(args.inputs, out_dir)
+    if videos and args.no_color and not args.frames:
+        raise UsageError("--no-color leaves nothing to write for a video (its overlay is the colour output): "
+                         "add --frames for raw-ID PNGs per frame, or drop --no-color")
     for path, why in skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
     input_size = parse_size(args.input_size) if args.input_size else None
     predictor, info, kind = load_predictor(Path(args.model), args.device, input_size)
     flips = parse_tta(args.tta, info.get("tta_flips"))
-    if not files:
-        print(f"no images to predict among {len(args.inputs)} input(s)"
-              + (f" ({ignored} non-image files ignored)" if ignored else ""), file=sys.stderr)
+    if not files and not videos:
+        print(f"no images or videos to predict among {len(args.inputs)} input(s)"
+              + (f" ({ignored} other files ignored)" if ignored else ""), file=sys.stderr)
         return 1
     height, width = info["input_size"]
-    print(f"{args.model} ({kind}): input {height}x{width}, TTA {'+'.join(flips) or 'none'}; "
-          f"{len(files)} image(s) -> {out_dir}", file=sys.stderr)
+    what = ", ".join(part for part in (f"{len(files)} image(s)" if files else "",
+                                       f"{len(videos)} video(s)" if videos else "") if part)
+    print(f"{args.model} ({kind}): input {height}x{width}, TTA {'+'.join(flips) or 'none'}; {what} -> {out_dir}",
+          file=sys.stderr)
+    options = dict(batch_size=args.batch_size, flips=flips, precision=args.precision, mean=info["mean"],
+                   std=info["std"], progress=not args.quiet)
+    skipped_total = len(skipped)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = predict_files(predictor, files, out_dir, info["input_size"], batch_size=args.batch_size, flips=flips,
-                               precision=args.precision, color=not args.no_color, mean=info["mean"], std=info["std"],
-                               skip_unreadable=True, progress=not args.quiet)
+        result = predict_files(predictor, files, out_dir, info["input_size"], color=not args.no_color,
+                               skip_unreadable=True, **options) if files else None
     for warning in caught:
         print(warning.message, file=sys.stderr)
-    skipped_total = len(skipped) + len(result["skipped"])
-    print(summary_line(result, skipped_total) + (f"; {ignored} non-image files in folders ignored" if ignored else ""))
-    return 0 if skipped_total == 0 and result["images"] else 1
+    if result is not None:
+        skipped_total += len(result["skipped"])
+        print(summary_line(result, skipped_total) + (f"; {ignored} other files in folders ignored" if ignored else ""))
+    clips_done = 0
+    if videos:
+        from .video import VideoError, predict_video  # noqa: PLC0415 (PyAV only when there is a video)
+
+        for clip in videos:
+            try:
+                done = predict_video(predictor, clip, out_dir, info["input_size"], overlay_video=not args.no_color,
+                                     frames=args.frames, **options)
+            except VideoError as err:
+                print(f"skipped {err}", file=sys.stderr)
+                skipped_total += 1
+                continue
+            print(video_line(done))
+            clips_done += 1
+    predicted = (result["images"] if result is not None else 0) + clips_done
+    return 0 if skipped_total == 0 and predicted else 1
 
 
 def main(argv=None) -> int:

@@ -16,8 +16,8 @@ values that name a path) resolve from `--cwd`, the directory the command was run
 Run folders: with `--data` and no `--run`, the run is named after the profile and the dataset
 (e.g. `demo-falcon-desert`), so a user's data never lands in the demo's folder. The data is
 checked (`find_dataset`) before any run folder is touched. One runner at a time per folder:
-`outputs/<run>/lock` names the holder, and a lock left by a killed run does not block (it is
-an OS file lock, released when its process dies).
+`outputs/<run>/lock` is held (`filelock`: an OS file lock, released when its process dies, so a
+lock left by a killed run does not block) and `outputs/<run>/lock.holder` names the holder.
 
 Running again over an existing run folder: it must have been made with the same profile and
 data, unless it holds no trained model yet (else a clear refusal, nothing touched); the folder
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -41,11 +40,13 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
+from filelock import FileLock, Timeout
 from papermill.exceptions import PapermillExecutionError
 
 from .data import DataError, find_dataset
+from .files import write_bytes
 from .pipeline import RunMismatch, check_same_run, data_root_of
-from .runs import now, project_root, run_dir, snapshot
+from .runs import LOCK_FILE, LOCK_HOLDER_FILE, now, project_root, run_dir, snapshot
 
 NOTEBOOKS = ("01_data_scan", "02_train_segformer", "03_train_deeplab", "04_ensemble", "05_distill", "06_evaluate")
 # Set by the runner's own options, never through --set.
@@ -53,6 +54,8 @@ RESERVED = {"run": "--run", "profile": "--profile", "data": "--data", "weights":
 # How much of what a failing notebook printed is shown headless.
 FAILURE_TAIL_LINES = 15
 FAILURE_MESSAGE_CHARS = 2500
+# Seconds a second runner waits for a run folder's lock before it refuses (filelock polls every 0.05 s).
+RUN_LOCK_WAIT = 0.5
 
 
 def select_notebooks(only: str | None, folder: Path) -> list[Path]:
@@ -148,40 +151,46 @@ def default_run_name(profile: str, dataset) -> str:
 
 
 class RunLock:
-    """An OS lock on outputs/<run>/lock for the duration of a run (a context manager).
+    """A lock on outputs/<run>/lock for the duration of a run (a context manager).
 
-    `flock` locks belong to the process: one killed with SIGKILL releases its lock at once, so a
-    lock file left behind never blocks the next run. The file says who holds it, for the refusal.
+    `filelock.FileLock`: flock on Unix, a msvcrt lock on Windows, both owned by the process, so one
+    killed with SIGKILL releases its lock at once and a lock file left behind never blocks the next
+    run (where neither exists, filelock's soft lock records the PID and reclaims a dead holder's
+    file: filelock 3.22 removes it on one attempt and takes the lock on the next, hence the short
+    wait, `RUN_LOCK_WAIT`, before a refusal). Who holds it is written to `lock.holder` beside it,
+    for the refusal: not into the lock file itself, which Windows keeps unreadable while it is
+    locked and the soft lock fills itself.
     """
 
     def __init__(self, folder: Path):
-        self.path = folder / "lock"
-        self.handle = None
+        self.path = folder / LOCK_FILE
+        self.holder_path = folder / LOCK_HOLDER_FILE
+        self.lock = None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
+        lock = FileLock(self.path, timeout=RUN_LOCK_WAIT)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise RunMismatch(f"run folder {self.path.parent} is in use by {holder}; wait for it to finish, "
-                              f"stop it, or use another run name (--run NAME)") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"./run_all.sh (pid {os.getpid()} on {socket.gethostname()}, started {now()})\n")
-        handle.flush()
-        self.handle = handle
+            lock.acquire()
+        except Timeout:
+            try:
+                holder = self.holder_path.read_text(encoding="utf-8").strip()
+            except OSError:
+                holder = ""
+            raise RunMismatch(f"run folder {self.path.parent} is in use by {holder or 'another process'}; wait for "
+                              f"it to finish, stop it, or use another run name (--run NAME)") from None
+        try:
+            write_bytes(self.holder_path, f"./run_all.sh (pid {os.getpid()} on {socket.gethostname()}, started {now()})\n".encode())
+        except BaseException:
+            lock.release()
+            raise
+        self.lock = lock
         return self
 
     def __exit__(self, *exc):
         with contextlib.suppress(OSError):
-            self.handle.seek(0)
-            self.handle.truncate()
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+            self.holder_path.unlink()
+        self.lock.release()
         return False
 
 

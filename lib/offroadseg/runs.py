@@ -22,6 +22,9 @@ from pathlib import Path
 from .files import read_json, write_json
 
 PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "numpy", "pillow", "matplotlib")
+# Held by the runner working on a run folder (`runner.RunLock`), and who that runner is.
+LOCK_FILE = "lock"
+LOCK_HOLDER_FILE = "lock.holder"
 
 
 def project_root() -> Path:
@@ -153,7 +156,7 @@ def snapshot(run: Run) -> Path | None:
         top = Path(folder) == run.dir
         # The decode cache is rebuilt from the data whenever needed: no need to keep it.
         # The lock belongs to the runner holding it now, not to the run as it was.
-        return [n for n in names if (top and n in ("earlier", "cache", "lock")) or (n.startswith(".") and n.endswith(".tmp"))]
+        return [n for n in names if (top and n in ("earlier", "cache", LOCK_FILE, LOCK_HOLDER_FILE)) or (n.startswith(".") and n.endswith(".tmp"))]
 
     shutil.copytree(run.dir, target, copy_function=link, ignore=skip)
     return target
