@@ -6,7 +6,7 @@ desert's 48 unlabelled `adapt` images (`adaptation.recalibrate_checkpoint`):
 
 - plain: the demo student, distilled as notebook 05 does (seeded with the seed); "+bn" is
   adaptation by the statistics alone,
-- adapted: the plain one fine-tuned as notebook 05's adaptation does (`adaptation.adapted_plan`,
+- adapted: the plain one fine-tuned as notebook 05's adaptation does (`new_desert.adapted_plan`,
   `adapted_config`: train set plus the unlabelled images in the soft term where the ensemble is
   confident, the threshold chosen on val; best epoch chosen on `novel_val`); "adapted+bn" is
   what notebook 05 writes to models/student_adapted/,
@@ -33,25 +33,27 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save_results  # noqa: E402
 
-from offroadseg import adaptation, augment, pipeline, synth, training  # noqa: E402
+from offroadseg import adaptation, augment, synth  # noqa: E402
 from offroadseg.adaptation import confidence_lines, confidence_table  # noqa: E402
-from offroadseg.checkpoints import load_model  # noqa: E402
+from offroadseg.chapters import assembly, context, distillation, new_desert  # noqa: E402
+from offroadseg.checkpoints import best_row, load_model  # noqa: E402
 from offroadseg.classes import CLASS_NAMES  # noqa: E402
-from offroadseg.dataset import SegmentationDataset  # noqa: E402
+from offroadseg.dataset import SegmentationDataset, eval_loader  # noqa: E402
 from offroadseg.files import read_json  # noqa: E402
 from offroadseg.profiles import DEMO  # noqa: E402
-from offroadseg.runs import ENSEMBLE_MEMBERS, project_root, read_ensemble, run_dir  # noqa: E402
+from offroadseg.runs import ADAPTED_STUDENT, ENSEMBLE_MEMBERS, project_root, read_ensemble, run_dir  # noqa: E402
 from offroadseg.scan import load_or_scan, usable_pairs  # noqa: E402
 
 CONTROL = "student_control"  # the fine-tune without the unlabelled images
 
 
-def scratch_run(source: Path, name: str, data_root: Path) -> pipeline.Context:
+def scratch_run(source: Path, name: str, data_root: Path) -> context.Context:
     """A run folder holding the source's teachers and ensemble.json and a scan of this checkout's desert."""
     run = run_dir(name)
     if run.dir.exists():
@@ -61,7 +63,7 @@ def scratch_run(source: Path, name: str, data_root: Path) -> pipeline.Context:
         shutil.copy2(source / "models" / role / "best.pt", run.model_dir(role) / "best.pt")
     shutil.copy2(source / "ensemble.json", run.ensemble)
     load_or_scan(data_root, run.scan, progress=False)
-    return pipeline.Context(step="05_distill", run=run, profile=DEMO, data_root=data_root, parameters={})
+    return context.Context(step="05_distill", run=run, profile=DEMO, data_root=data_root, parameters={})
 
 
 def per_class(result: dict) -> dict:
@@ -72,13 +74,13 @@ def scores_row(ctx, scan, role: str, seed: int, variant: str, seconds: float, ch
     """The student of models/<role>/<checkpoint> scored on val, novel_val and test at native mask size."""
     student = load_model(ctx.run.model_dir(role) / checkpoint)
     history = read_json(ctx.run.model_dir(role) / "history.json")
-    best = max(history, key=lambda row: row["val_miou"])
+    best = best_row(history)
     row = {"seed": seed, "variant": variant, "train_seconds": round(seconds, 1), "epochs": len(history),
            "best_epoch": best["epoch"]}
-    splits = {"val": usable_pairs(scan, "val"), "novel_val": adaptation.adaptation_holdout(ctx, "demo"),
+    splits = {"val": usable_pairs(scan, "val"), "novel_val": new_desert.adaptation_holdout(ctx, "demo"),
               "test": usable_pairs(scan, "test")}
     for split, pairs in splits.items():
-        result = training.score_pairs({"student": student}, pairs, DEMO.image_size)["student"]
+        result = assembly.score_pairs({"student": student}, pairs, DEMO.image_size)["student"]
         row[f"{split}_miou"] = round(result["miou"], 4)
         row[f"{split}_per_class"] = per_class(result)
     print(f"seed {seed} {variant:<10}: val {row['val_miou']:.3f}  novel_val {row['novel_val_miou']:.3f}  "
@@ -103,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", default="outputs/demo", help="run folder with the trained teachers (01-04)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--min-accuracy", type=float, default=adaptation.MIN_KEPT_ACCURACY)
+    parser.add_argument("--min-accuracy", type=float, default=DEMO.adapt.min_accuracy)
     parser.add_argument("--threshold", type=float, default=None, help="override the threshold the table chooses")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: notebook 05's adapt_epochs)")
     parser.add_argument("--no-control", action="store_true", help="skip the fine-tune without the unlabelled images")
@@ -112,42 +114,42 @@ def main() -> None:
     args = parser.parse_args()
 
     source = Path(args.source).resolve()
-    data_root = project_root() / pipeline.DEMO_DATA
+    data_root = project_root() / context.DEMO_DATA
     synth.make_demo_desert(data_root, progress=False)
-    plan = training.model_plan(DEMO, "student")
-    tuned = adaptation.adapted_plan(plan, args.epochs)
+    plan = assembly.model_plan(DEMO, "student")
+    tuned = new_desert.adapted_plan(plan, replace(DEMO.adapt, epochs=args.epochs))
     rows, rule, names, novel_table = [], None, [], None
     for seed in args.seeds:
         name = f"bench-adapt-s{seed}"
         names.append(name)
         ctx = scratch_run(source, name, data_root)
         scan = load_or_scan(data_root, ctx.run.scan, progress=False)
-        holdout = adaptation.adaptation_holdout(ctx, "demo")
+        holdout = new_desert.adaptation_holdout(ctx, "demo")
         if rule is None:
-            rule = adaptation.confidence_rule(ctx, scan, args.min_accuracy)
+            rule = new_desert.confidence_rule(ctx, scan, args.min_accuracy)
             if args.threshold is not None:
                 rule["threshold"] = args.threshold
             print(confidence_lines(rule["table"], rule["threshold"]), flush=True)
             # The same table on the held-out novel images, for the record only (the rule never reads it):
             # how much less often the ensemble is right at the same confidence in the new desert.
-            ensemble = training.fuse(training.load_teachers(ctx), read_ensemble(ctx.run))
+            ensemble = assembly.fuse(assembly.load_teachers(ctx), read_ensemble(ctx.run))
             novel = SegmentationDataset(holdout, augment.eval_transform(DEMO.image_size))
-            novel_table = confidence_table(ensemble, training.loader(novel, 8))
+            novel_table = confidence_table(ensemble, eval_loader(novel, 8))
             print("on the held-out novel images:\n" + confidence_lines(novel_table, rule["threshold"]), flush=True)
-        config = training.train_config(DEMO, plan, seed=seed)
-        tuned_config = adaptation.adapted_config(config, tuned)
-        images = adaptation.adaptation_images(ctx, "demo")
+        config = assembly.train_config(DEMO, plan, seed=seed)
+        tuned_config = new_desert.adapted_config(config, tuned, DEMO.adapt)
+        images = new_desert.adaptation_images(ctx, "demo")
         started = time.perf_counter()
-        training.train_student(ctx, scan, plan, config, progress=False)
+        distillation.train_student(ctx, scan, plan, config, DEMO.distill, progress=False)
         rows += with_batchnorm(ctx, scan, "student", seed, "plain", time.perf_counter() - started, images)
         started = time.perf_counter()
-        adaptation.train_adapted_student(ctx, scan, tuned, tuned_config, 0.5, 2.0, 0.5, images, rule["threshold"],
+        new_desert.train_adapted_student(ctx, scan, tuned, tuned_config, DEMO.distill, images, rule["threshold"],
                                          holdout)
-        rows += with_batchnorm(ctx, scan, adaptation.ADAPTED_STUDENT, seed, "adapted", time.perf_counter() - started,
+        rows += with_batchnorm(ctx, scan, ADAPTED_STUDENT, seed, "adapted", time.perf_counter() - started,
                                images)
         if not args.no_control:
             started = time.perf_counter()
-            training.train_student(ctx, scan, tuned, tuned_config, progress=False, role=CONTROL, val_pairs=holdout)
+            distillation.train_student(ctx, scan, tuned, tuned_config, DEMO.distill, progress=False, role=CONTROL, val_pairs=holdout)
             rows += with_batchnorm(ctx, scan, CONTROL, seed, "control", time.perf_counter() - started, images)
     summary = summarise(rows)
     print("\nper class, test split (novel desert):")

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Results, add_output_options, parse_size, profile_models  # noqa: E402
 
-from offroadseg import training  # noqa: E402
+from offroadseg.chapters import assembly  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
 from offroadseg.engine import TrainConfig, fit  # noqa: E402
 from offroadseg.files import read_json  # noqa: E402
@@ -43,15 +43,15 @@ def child(args) -> None:
     spec = profile_models(profile, [args.role])[0]
     size = parse_size(args.size) if args.size else tuple(profile.image_size)
     scan = scan_dataset(find_dataset(args.data), progress=False)
-    on_device = training.augment_on_device()
-    train_set, val_set = training.datasets(scan, size, cache_dir=Path(args.work) / "cache", on_device=on_device)
+    on_device = assembly.augment_on_device()
+    train_set, val_set = assembly.datasets(scan, size, cache_dir=Path(args.work) / "cache", on_device=on_device)
     torch.manual_seed(0)
     model = build_model(spec["name"], **spec["options"])
     config = TrainConfig(epochs=1, batch_size=args.batch or spec["batch_size"], lr=1e-4, seed=profile.seed,
                          num_workers=profile.workers)
-    fit(model, train_set, val_set, config, Path(args.work) / "run", loss_fn=training.segmentation_loss(scan),
+    fit(model, train_set, val_set, config, Path(args.work) / "run", loss_fn=assembly.segmentation_loss(scan),
         sample_weights=scan["sample_weights"], progress=False,
-        batch_transform=training.batch_augmentation(size) if on_device else None)
+        batch_transform=assembly.batch_augmentation(size) if on_device else None)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, Path(args.work) / f"rank{os.environ.get('RANK', '0')}.pt")
     if torch.distributed.is_initialized():

@@ -469,7 +469,8 @@ def run(outdir: Path, work: Path, phase: int, dry_run: bool, total_s: int) -> in
     # Imported once here, shared by every forked stage (this process never initialises CUDA).
     import torch  # noqa: F401
 
-    from offroadseg import augment, engine, ensemble, evaluate, export, models, synth, training  # noqa: F401
+    from offroadseg import augment, engine, ensemble, evaluate, export, models, synth  # noqa: F401
+    from offroadseg.chapters import assembly, teachers  # noqa: F401
 
     for name in ("train_speed", "loader_vs_model", "inference", "onnx_latency", "ddp_probe"):
         SCRIPTS[name] = _load_script(name)

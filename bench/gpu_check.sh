@@ -22,7 +22,7 @@
 # removed at the end (GPU_CHECK_WORK=DIR chooses and keeps it). PYTHON: the interpreter (default python3).
 set -uo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 OUTDIR="" DRY=() PHASE=""
 while [ $# -gt 0 ]; do
   case "$1" in

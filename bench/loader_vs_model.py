@@ -1,7 +1,7 @@
 """Data loader images/s against model training images/s, per model: is the accelerator starved?
 
 (a) The loader, built exactly as training builds it now:
-    - the train set from `training.datasets(scan, image_size, cache_dir=..., on_device=...)`:
+    - the train set from `assembly.datasets(scan, image_size, cache_dir=..., on_device=...)`:
       every train image decoded and resized to 1.5x the model input once, into the memory-mapped
       `DecodeCache` (shared by every DataLoader worker through the OS page cache). Each
       measurement builds it cold into a fresh temporary folder: `cache_build_s` (the whole
@@ -14,7 +14,7 @@
       epoch 2), pin_memory on CUDA, wrapped by accelerate's `prepare` (which copies each batch
       to the device).
     - the augmentation where training puts it: on CUDA the dataset yields uint8 tensors at the
-      cache size (`augment.to_tensors`) and `training.batch_augmentation` (`BatchAugment`:
+      cache size (`augment.to_tensors`) and `assembly.batch_augmentation` (`BatchAugment`:
       crop, resize, rotate, flip, jitter) runs on each batch on the device, timed with the
       loader (torch.cuda.synchronize at the end of each epoch) since the model waits for both;
       on a CPU the dataset's per-sample torchvision augmentation runs in the loader as before.
@@ -66,7 +66,7 @@ from common import (  # noqa: E402
 )
 from train_speed import measure  # noqa: E402
 
-from offroadseg import training  # noqa: E402
+from offroadseg.chapters import assembly  # noqa: E402
 from offroadseg.data import find_dataset  # noqa: E402
 from offroadseg.dataset import PARALLEL_MIN_PAIRS  # noqa: E402
 from offroadseg.device import default_device, precision_name, synchronize  # noqa: E402
@@ -80,7 +80,7 @@ COLUMNS = ["role", "model", "size", "batch", "workers", "augment", "cache_build_
 
 
 def scan_and_weights(root: Path, limit: int | None):
-    """The scan (in memory, as `training.train_teacher` gets it) and its train sample weights; with
+    """The scan (in memory, as `teachers.train_teacher` gets it) and its train sample weights; with
     `limit` both keep only the first `limit` train pairs, so the decode cache holds only those."""
     started = time.perf_counter()
     scan = scan_dataset(find_dataset(root), progress=False)
@@ -97,7 +97,7 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
     augmentation when `on_device`), iterated without a model; batches reach `device`."""
     with tempfile.TemporaryDirectory(prefix="bench-decode-cache-", dir=cache_root) as folder:
         started = time.perf_counter()
-        train_set, val_set = training.datasets(scan, image_size, cache_dir=folder, on_device=on_device)
+        train_set, val_set = assembly.datasets(scan, image_size, cache_dir=folder, on_device=on_device)
         cache_build_s = time.perf_counter() - started
         pairs = len(train_set)
         decoded = pairs + len(val_set)  # datasets builds the val set's cache too
@@ -105,7 +105,7 @@ def measure_loader(scan: dict, weights, image_size, batch: int, workers: int, de
                  "cache_size": list(train_set.cache_size),
                  "decode_processes": 1 if pairs < PARALLEL_MIN_PAIRS else (os.cpu_count() or 1)}
 
-        augmentation = training.batch_augmentation(image_size) if on_device else None
+        augmentation = assembly.batch_augmentation(image_size) if on_device else None
         # fit's own train loader (the val loader it also makes is not used here)
         loaders = make_loaders(train_set, train_set, batch, seed, workers, weights, 0, 1, device.type == "cuda")
         loader, sampler = loaders.train, loaders.train.sampler

@@ -51,11 +51,11 @@ from common import (  # noqa: E402
 )
 
 from offroadseg.device import synchronize  # noqa: E402
-from offroadseg.engine import TrainConfig, make_accelerator, make_optimizer, memory_format, training_backends  # noqa: E402
+from offroadseg.engine import TrainConfig, make_accelerator, make_optimizer  # noqa: E402
 from offroadseg.losses import SegmentationLoss  # noqa: E402
 from offroadseg.models import build_model, count_parameters  # noqa: E402
 from offroadseg.profiles import DEMO, PROFILES  # noqa: E402
-from offroadseg.train_step import STEP_APPLIED, guarded_step  # noqa: E402
+from offroadseg.train_step import STEP_APPLIED, guarded_step, memory_format, training_backends  # noqa: E402
 
 DEMO_MODELS = [(DEMO.segformer.name, DEMO.segformer.options), (DEMO.deeplab.name, DEMO.deeplab.options),
                (DEMO.student.name, DEMO.student.options)]

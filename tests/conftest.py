@@ -22,7 +22,7 @@ def one_thread():
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project root of its own (OFFROADSEG_ROOT) holding a small dataset in data/ (4 train, 2 val,
-    1 test pairs), for tests that run notebook steps (`pipeline.start`) against it."""
+    1 test pairs), for tests that run notebook steps (`context.start`) against it."""
     monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
     monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
     make_small_dataset(tmp_path / "data", 4, 2, 1)

@@ -104,3 +104,15 @@ def write_standin_weights(folder: Path, profile) -> list[Path]:
             write_standin_resnet(path, int(entry.model.split("resnet")[-1]))
         paths.append(path)
     return paths
+
+
+def assert_names(error, *parts) -> str:
+    """The message of `error` (an exception, a pytest ExceptionInfo or a string) names every one of
+    `parts`: the stable parts a user acts on (the file, the setting and its values, the command or
+    advice), not the sentence around them, which may be reworded. Paths are compared as strings.
+    Returns the message, for further checks."""
+    error = getattr(error, "value", error)  # pytest.raises' ExceptionInfo
+    message = str(error)
+    missing = [str(part) for part in parts if str(part) not in message]
+    assert not missing, f"the message does not name {missing}:\n{message}"
+    return message

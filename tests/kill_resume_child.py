@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from offroadseg import training
+from offroadseg.chapters import assembly, teachers
 from offroadseg.dataset import SegmentationDataset
 from offroadseg.profiles import DEMO
 from offroadseg.runs import Run
@@ -40,7 +40,7 @@ make_desert(data_root, {"train": 16, "val": 4}, size=(96, 54), workers=1, progre
 run = Run(run_dir)
 scan = load_or_scan(data_root, run.scan, workers=1, progress=False)
 profile = DEMO.with_overrides(image_size=(32, 64))
-plan = training.model_plan(profile, "segformer", epochs=3, batch_size=4)
+plan = assembly.model_plan(profile, "segformer", epochs=3, batch_size=4)
 ctx = SimpleNamespace(profile=profile, run=run)
-history = training.train_teacher(ctx, "segformer", scan, plan, training.train_config(profile, plan), progress=False)
+history = teachers.train_teacher(ctx, "segformer", scan, plan, assembly.train_config(profile, plan), progress=False)
 print("epochs:", [row["epoch"] for row in history])

@@ -13,7 +13,7 @@
 #
 # Packages come from PyPI with pip's ordinary settings (PIP_CONFIG_FILE=/dev/null: this machine's pip
 # configuration caps torch to the releases on its disk). PyPI's Linux torch wheels are CUDA builds:
-# the first install downloads a few GB (see README "Tests" for the measured time).
+# the first install downloads a few GB (measured times: bench/RESULTS.md, History).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"

@@ -2,7 +2,7 @@
 chosen; and the BatchNorm statistics re-estimated on the new desert's images.
 
 The adaptation cells themselves (images, held-out pairs, the adapted student, the verdict) are
-tested with the rest of the notebooks' glue in tests/test_training.py."""
+tested in tests/test_chapters_new_desert.py."""
 
 import numpy as np
 import pytest

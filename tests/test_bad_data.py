@@ -21,11 +21,11 @@ from PIL import Image
 from torch import nn
 
 from offroadseg import scan as scan_module
+from offroadseg.chapters.assembly import datasets
 from offroadseg.data import DataError, read_image, read_mask
 from offroadseg.dataset import SegmentationDataset
 from offroadseg.engine import TrainConfig, fit
 from offroadseg.scan import problems_table, scan_dataset, usable_pairs
-from offroadseg.training import datasets
 
 H, W = 24, 40
 N_GOOD = 14  # with the bad pairs, more than the 32 jobs above which the scan uses worker processes

@@ -1,8 +1,8 @@
 """BatchAugment (whole batches on their device) against the CPU path, on CPU.
 
-The reference is built from the torchvision functional ops that SegmentationTransform's
-steps call (resized_crop, affine for rotation then scale, horizontal_flip, adjust_*),
-run with the same fixed parameters.
+The reference is built from the ops that SegmentationTransform's steps call (the crop and
+resize of `preprocess`, torchvision's affine for rotation then scale, horizontal_flip,
+adjust_*), run with the same fixed parameters.
 """
 
 import pickle
@@ -16,14 +16,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from offroadseg.augment import AugmentRecipe, denormalize, eval_transform, normalize, to_tensors, train_transform
+from offroadseg.augment import AugmentRecipe, eval_transform, to_tensors, train_transform
 from offroadseg.batch_augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchAugment
 from offroadseg.classes import COLORS, IGNORE_INDEX
+from offroadseg.preprocess import denormalize, normalize, resize_image, resize_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PALETTE = torch.tensor(COLORS, dtype=torch.float32)
-SIZE = (120, 160)  # the model input; inputs are 1.5x, as training.TRAIN_CACHE_SCALE caches them
+SIZE = (120, 160)  # the model input; inputs are 1.5x, as assembly.TRAIN_CACHE_SCALE caches them
 INPUT = (180, 240)
 # One grey level in normalised units (the mean of the three channels' std).
 GREY = 1 / (255 * 0.226)
@@ -62,8 +63,8 @@ def cpu_reference(image, mask, box=None, angle=0.0, scale=1.0, flip=False, size=
     """SegmentationTransform's geometric steps with fixed parameters: (normalised image, int64 mask)."""
     image, mask = to_tensors(image, mask)
     box = box or (0, 0, *image.shape[-2:])
-    image = tv_tensors.Image(TF.resized_crop(image, *box, list(size), InterpolationMode.BILINEAR, antialias=True))
-    mask = tv_tensors.Mask(TF.resized_crop(mask[None], *box, list(size), InterpolationMode.NEAREST_EXACT))
+    image = tv_tensors.Image(resize_image(image, size, box))
+    mask = tv_tensors.Mask(resize_mask(mask[None], size, box))
     fill = [round(255 * m) for m in (0.485, 0.456, 0.406)]
     for step_angle, step_scale in ((angle, 1.0), (0.0, scale)):  # two RandomAffine steps: rotation, then scale
         if (step_angle, step_scale) != (0.0, 1.0):

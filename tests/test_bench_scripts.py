@@ -70,3 +70,15 @@ def test_inference_bench_takes_the_ensemble_settings_from_ensemble_json(tmp_path
     settings = inference.ensemble_settings("r")
     assert settings == {"weights": [0.25, 0.75], "flips": ("h", "v"), "scales": [0.75, 1.25], "input_size": [16, 24],
                         "source": "outputs/r/ensemble.json"}
+
+
+def test_predict_overhead_rows_for_each_model_and_their_ensemble(tmp_path, capsys, one_thread):
+    out = tmp_path / "predict_overhead.json"
+    _load("predict_overhead").main(["--models", "segformer-b0", "deeplabv3plus-resnet18", "--calls", "3",
+                                    "--out", str(out)])
+    rows = read_json(out)["rows"]
+    assert [row["predictor"] for row in rows] == ["segformer-b0", "deeplabv3plus-resnet18",
+                                                 "ensemble(segformer-b0+deeplabv3plus-resnet18)"]
+    assert all(row["calls"] == 3 and 0 < row["median_ms"] <= row["p90_ms"] for row in rows)
+    assert rows[2]["modules"] > rows[0]["modules"] + rows[1]["modules"]  # the ensemble holds both trees
+    assert "median ms" in capsys.readouterr().out

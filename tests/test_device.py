@@ -107,8 +107,18 @@ def test_the_command_run_all_sh_calls_exits_non_zero_with_the_message(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
     env["PATH"] = f"{tmp_path / 'empty'}{os.pathsep}{os.path.dirname(sys.executable)}"
     assert subprocess.run([sys.executable, "-m", "offroadseg.device", "--check"], env=env, timeout=120).returncode == 0
+    # run_all.sh checks the GPU before it hands over to the runner, which does all the work (the demo
+    # desert, the notebooks, the tests, JupyterLab): run_all.sh itself starts none of it.
     script = (Path(__file__).parents[1] / "run_all.sh").read_text()
-    assert script.index("python -m offroadseg.device --check || exit 2") < script.index("# --- data:")
+    code = [line for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    # unindented: at the top level, in no branch that could skip it
+    check = [i for i, line in enumerate(code) if line.startswith("python -m offroadseg.device --check || exit 2")]
+    assert len(check) == 1
+    handover = [i for i, line in enumerate(code) if "offroadseg.runner" in line]
+    assert handover == [len(code) - 1] and code[-1].startswith('exec python -m offroadseg.runner --cwd "$CALLER_PWD" "$@"')
+    assert check[0] < handover[0]
+    work = ("make_demo_desert", "pytest", "ruff", "jupyter lab", "bin/jupyter", "papermill")
+    assert not [line for line in code[:handover[0]] if any(word in line for word in work)]
 
 
 def gpu_of_capability(monkeypatch, capability):
@@ -169,3 +179,40 @@ def test_default_device_is_the_gpu_when_there_is_one(monkeypatch):
     assert device.default_device("cpu") == torch.device("cpu")
     device.synchronize("cpu")  # nothing to wait for on a CPU (and no CUDA call)
     assert device.device_name(torch.device("cpu")) == "cpu"
+
+
+# ------------------------------------------------------------------ where a model runs (on_device, model_device)
+
+
+def test_model_device_reads_the_first_tensor_and_the_cpu_without_one():
+    assert device.model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    only_buffer = torch.nn.BatchNorm2d(3, affine=False)
+    assert device.model_device(only_buffer.to("meta")) == torch.device("meta")
+    assert device.model_device(torch.nn.ReLU()) == torch.device("cpu")
+    assert device.model_device(lambda x: x) == torch.device("cpu")
+
+
+def test_on_device_sets_every_module_to_eval_and_gives_back_exactly_the_modes_it_found():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.Dropout())
+    model.eval()
+    model[1].train()  # a submodule in training mode under an eval root (as BatchNorm re-estimation leaves one)
+    with device.on_device(model):
+        assert not any(module.training for module in model.modules())
+    assert [module.training for module in model.modules()] == [False, False, True, False]
+    with device.on_device(model):  # the tree is cached now: the same answer the second time
+        assert not model[1].training
+    assert model[1].training and not model.training
+
+
+def test_on_device_sees_a_submodule_registered_after_its_first_call():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)).eval()
+    with device.on_device(model):
+        pass
+    model.add_module("head", torch.nn.Dropout())  # new modules start in training mode
+    model[0].extra = torch.nn.BatchNorm2d(3)      # also one level down, by attribute
+    with device.on_device(model):
+        assert not model.head.training and not model[0].extra.training
+    assert model.head.training and model[0].extra.training
+    x = torch.ones(1, 3, 2, 2)
+    with device.on_device(model):
+        assert torch.equal(model.head(x), x)  # dropout really is off inside

@@ -49,7 +49,7 @@ def _fit(run, role: str, name: str, options: dict, tta=()):
     model = build_model(name, **options)
     info = modelinfo.inference_info(INPUT, tta_flips=tta, spec=model.spec, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     fit(model, Halves(4, 1), Halves(2, 2), TrainConfig(epochs=1, batch_size=2, precision="fp32"),
-        run / "models" / role, progress=False, inference=info)
+        run / "models" / role, progress=False, inference_record=info)
     return run / "models" / role / "best.pt"
 
 
@@ -164,7 +164,7 @@ def desert_model(tmp_path_factory):
     fit(model, SegmentationDataset(data.train, eval_transform(size), cache_size=size),
         SegmentationDataset(data.val, eval_transform(size), cache_size=size),
         TrainConfig(epochs=3, batch_size=4, lr=3e-3, warmup_epochs=0.5, precision="fp32"), out, progress=False,
-        inference=info)
+        inference_record=info)
     return out / "best.pt", [image for image, _ in data.test]
 
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from offroadseg import benchmark, evaluate, export, modelinfo, predict, quantize, training
+from offroadseg import benchmark, evaluate, export, modelinfo, predict, quantize
 from offroadseg.augment import eval_transform
+from offroadseg.chapters import assembly, distillation, teachers
 from offroadseg.checkpoints import load_model
 from offroadseg.classes import RAW_IDS
 from offroadseg.data import read_mask, read_raw_mask
@@ -52,7 +53,7 @@ def checkpoint(tmp_path_factory):
     model = build_model(STUDENT[0], **STUDENT[1])
     info = modelinfo.inference_info(INPUT, tta_flips=("h",), spec=model.spec)
     fit(model, Blocks(8, 1), Blocks(4, 2), TrainConfig(epochs=1, batch_size=4, precision="fp32"), out,
-        progress=False, inference=info)
+        progress=False, inference_record=info)
     return out / "best.pt"
 
 
@@ -258,7 +259,7 @@ class OnMeta(nn.Module):
 def test_predictors_put_inputs_on_the_models_device():
     dataset = [(torch.randn(3, 8, 12), torch.zeros(8, 12, dtype=torch.long))] * 2
     dataset = type("Items", (list,), {"stem": lambda self, i: str(i)})(dataset)
-    rows = training.sample_predictions(OnMeta(), dataset, count=2)
+    rows = assembly.sample_predictions(OnMeta(), dataset, count=2)
     assert rows[0][2].shape == (8, 12)
     assert evaluate.predict_labels(OnMeta(), [np.zeros((8, 12, 3), np.uint8)], (8, 12))[0].shape == (8, 12)
 
@@ -342,18 +343,23 @@ def test_training_glue_passes_the_inference_record_to_fit(tmp_path, monkeypatch)
     from offroadseg.runs import Run, write_ensemble
 
     seen = {}
-    monkeypatch.setattr(training, "fit", lambda *args, **kwargs: seen.setdefault("info", []).append(kwargs["inference"]))
-    monkeypatch.setattr(training, "datasets", lambda *args, **kwargs: (None, None))
-    monkeypatch.setattr(training, "build_model", lambda name, **kwargs: SimpleNamespace(spec={"name": name}))
+    def record(*args, **kwargs):
+        seen.setdefault("info", []).append(kwargs["inference_record"])
+
     student = SimpleNamespace(student=SimpleNamespace(spec={"name": "student"}), spec=None)
-    monkeypatch.setattr(training, "distillation_setup", lambda *args: (student, SimpleNamespace(step_loss=None)))
+    for chapter in (teachers, distillation):
+        monkeypatch.setattr(chapter, "fit", record)
+        monkeypatch.setattr(chapter, "datasets", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(teachers, "build_model", lambda name, **kwargs: SimpleNamespace(spec={"name": name}))
+    monkeypatch.setattr(distillation, "distillation_setup", lambda *args: (student, SimpleNamespace(step_loss=None)))
     run = Run(tmp_path)
     ctx = SimpleNamespace(profile=DEMO, run=run)
     val = {"ensemble": {"miou": 0.6, "ms_per_image": 80.0, "params": 17}}
     write_ensemble(run, 0.5, [], flips=["h", "v"], scales=None, flip_candidates=[], input_size=DEMO.image_size, val=val)
     scan = {"sample_weights": None, "class_weights": [1.0] * 10}
-    training.train_teacher(ctx, "deeplab", scan, DEMO.deeplab, training.train_config(DEMO, DEMO.deeplab), progress=False)
-    training.train_student(ctx, scan, DEMO.student, training.train_config(DEMO, DEMO.student), progress=False)
+    teachers.train_teacher(ctx, "deeplab", scan, DEMO.deeplab, assembly.train_config(DEMO, DEMO.deeplab), progress=False)
+    distillation.train_student(ctx, scan, DEMO.student, assembly.train_config(DEMO, DEMO.student), DEMO.distill,
+                               progress=False)
     teacher, distilled = seen["info"]
     assert teacher["input_size"] == list(DEMO.image_size) and teacher["tta_flips"] == []
     assert distilled["tta_flips"] == ["h", "v"] and distilled["spec"] == {"name": "student"}

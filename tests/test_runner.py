@@ -1,6 +1,7 @@
 import nbformat
 import pytest
 
+from offroadseg.cli import UsageError
 from offroadseg.files import read_json
 from offroadseg.runner import run_notebooks, select_notebooks
 
@@ -19,7 +20,7 @@ def test_select_notebooks_by_number_and_errors(tmp_path):
         _notebook(tmp_path / f"{name}.ipynb")
     assert [p.stem for p in select_notebooks(None, tmp_path)] == ["01_data_scan", "02_train_segformer", "03_train_deeplab"]
     assert [p.stem for p in select_notebooks("03,1", tmp_path)] == ["01_data_scan", "03_train_deeplab"]
-    with pytest.raises(SystemExit, match="no notebook matches '07'"):
+    with pytest.raises(UsageError, match="no notebook matches '07'"):
         select_notebooks("07", tmp_path)
 
 
@@ -44,16 +45,16 @@ def test_failing_notebook_stops_the_run_with_its_name_and_error(tmp_path, capsys
 
 @pytest.mark.slow
 def test_second_run_over_a_run_folder_keeps_the_first_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
-    # The notebook records its step through pipeline.start, as the real ones do, and writes a
+    # The notebook records its step through context.start, as the real ones do, and writes a
     # result that depends on a parameter.
     monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
     monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
     (tmp_path / "data").mkdir()
     notebook = _notebook(
         tmp_path / "06_evaluate.ipynb",
-        "import os\nfrom offroadseg import pipeline\nfrom offroadseg.files import write_json\n"
+        "import os\nfrom offroadseg.chapters import context\nfrom offroadseg.files import write_json\n"
         "os.environ['OFFROADSEG_ROOT'] = " + repr(str(tmp_path)) + "\n"
-        "ctx = pipeline.start('06_evaluate', run=run, profile=profile, data=data)\n"
+        "ctx = context.start('06_evaluate', run=run, profile=profile, data=data)\n"
         "write_json(ctx.run.dir / 'metrics.json', {'stamp': len(list(ctx.run.dir.glob('earlier/*')))})",
     )
     nb = nbformat.read(notebook, as_version=4)
@@ -83,19 +84,6 @@ def test_second_run_over_a_run_folder_keeps_the_first_and_refuses_other_settings
 # ------------------------------------------------------------------ parameters and run folders (issue 9)
 
 
-def test_set_values_are_json_or_python_literals_else_strings():
-    from offroadseg.runner import parse_sets
-
-    assert parse_sets(["epochs=1", "image_size=[512, 512]", "flag=true", "none=None", "t=(1, 2)", "name=margin",
-                       "lr=6e-5", "path=weights/mit-b2"]) == {
-        "epochs": 1, "image_size": [512, 512], "flag": True, "none": None, "t": (1, 2), "name": "margin",
-        "lr": 6e-5, "path": "weights/mit-b2"}
-    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
-        parse_sets(["epochs"])
-    with pytest.raises(SystemExit, match="use the option --data instead"):
-        parse_sets(["data=/x"])
-
-
 def test_set_names_must_exist_in_a_selected_notebook(tmp_path):
     from offroadseg.runner import assign_parameters
 
@@ -111,43 +99,17 @@ def test_set_names_must_exist_in_a_selected_notebook(tmp_path):
     params = assign_parameters([a, b], common, {"epochs": 1, "grid_points": 5})
     assert params[a] == {"run": "r", "profile": "demo", "epochs": 1}  # weights only where defined
     assert params[b] == {"run": "r", "profile": "demo", "grid_points": 5}
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UsageError) as info:
         assign_parameters([a, b], common, {"epoch": 1})
     assert "--set epoch: no selected notebook has such a parameter" in str(info.value)
     assert "batch_size, epochs, grid_points" in str(info.value)
-
-
-def test_relative_paths_resolve_from_where_the_command_ran(tmp_path):
-    from offroadseg.runner import resolve_path_value
-
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "resnet101.pth").write_bytes(b"")
-    assert resolve_path_value("weights/resnet101.pth", tmp_path) == str(tmp_path / "weights" / "resnet101.pth")
-    assert resolve_path_value("./missing.pth", tmp_path) == str(tmp_path / "missing.pth")
-    assert resolve_path_value("nvidia/mit-b2", tmp_path) == "nvidia/mit-b2"  # a hub id, not a path
-    assert resolve_path_value("IMAGENET1K_V2", tmp_path) == "IMAGENET1K_V2" and resolve_path_value(3, tmp_path) == 3
-
-
-def test_default_run_name_comes_from_the_profile_and_the_dataset(tmp_path):
-    from helpers import TEST, TRAIN, make_small_dataset, write_pair
-
-    from offroadseg.data import find_dataset
-    from offroadseg.runner import default_run_name
-
-    kaggle = tmp_path / "kaggle" / "input" / "datasets" / "me" / "falcon desert"
-    make_small_dataset(kaggle / TRAIN, 1, 1, 0)
-    write_pair(kaggle / TEST, "test", "t0")
-    assert default_run_name("demo", find_dataset(tmp_path / "kaggle")) == "demo-falcon-desert"
-    only_train = tmp_path / "solo"
-    make_small_dataset(only_train, 1, 0, 0)
-    assert default_run_name("full", find_dataset(only_train)) == f"full-{TRAIN}"
 
 
 def test_a_second_runner_on_one_run_folder_refuses_and_a_killed_ones_lock_does_not_block(tmp_path):
     import subprocess
     import sys
 
-    from offroadseg.pipeline import RunMismatch
+    from offroadseg.chapters.context import RunMismatch
     from offroadseg.runner import RunLock
 
     folder = tmp_path / "outputs" / "r"
@@ -220,5 +182,166 @@ def test_main_checks_the_data_before_any_run_folder_and_names_the_run(tmp_path, 
     assert "run: demo-mydata (named after the profile and the dataset" in out
     executed = nbformat.read(tmp_path / "outputs" / "demo-mydata" / "notebooks" / "01_data_scan.ipynb", as_version=4)
     assert any("scanned demo-mydata demo" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
-    with pytest.raises(SystemExit, match="--set epochs: no selected notebook has such a parameter"):
-        runner.main(["--data", "mydata", "--cwd", str(tmp_path), "--set", "epochs=1"])
+    assert runner.main(["--data", "mydata", "--cwd", str(tmp_path), "--set", "epochs=1"]) == 2
+    assert "--set epochs: no selected notebook has such a parameter" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the command line and its modes (issue 22)
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A project root of its own with two notebooks, where making the demo desert and running
+    notebooks are recorded instead of done: `calls` lists ("desert", root) and ("run", kwargs)."""
+    from offroadseg import runner
+
+    monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
+    monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
+    monkeypatch.delenv(runner.PROG_ENV, raising=False)
+    (tmp_path / "notebooks").mkdir()
+    for name in ("01_data_scan", "02_train_segformer"):
+        _notebook(tmp_path / "notebooks" / f"{name}.ipynb")
+    calls = []
+
+    def make_demo_desert(root):
+        calls.append(("desert", root))
+        return {"counts": {"train": 1}, "generated": 1}
+
+    def run_notebooks(notebooks, run, profile, data, out_dir, sets=None, weights=None):
+        calls.append(("run", {"notebooks": [n.stem for n in notebooks], "run": run, "profile": profile, "data": data,
+                              "out_dir": out_dir, "sets": sets, "weights": weights}))
+        return 0
+
+    monkeypatch.setattr(runner, "make_demo_desert", make_demo_desert)
+    monkeypatch.setattr(runner, "run_notebooks", run_notebooks)
+    return tmp_path, calls
+
+
+def test_without_data_the_demo_desert_is_made_first(checkout, capsys):
+    from helpers import make_small_dataset
+
+    from offroadseg import runner
+
+    root, calls = checkout
+    assert runner.main(["--only", "02", "--run", "probe", "--set", "epochs=1"]) == 0
+    assert calls[0] == ("desert", root / "data" / "demo_desert")
+    assert calls[1] == ("run", {"notebooks": ["02_train_segformer"], "run": "probe", "profile": "demo", "data": None,
+                                "out_dir": root / "outputs" / "probe" / "notebooks", "sets": {"epochs": 1},
+                                "weights": None})
+    assert "data: demo desert in data/demo_desert: {'train': 1} (made now)" in capsys.readouterr().out
+    # With --data: no desert, the data checked and the run named after it.
+    make_small_dataset(root / "mine", 1, 1, 1)
+    calls.clear()
+    assert runner.main(["--data", "mine", "--cwd", str(root)]) == 0
+    assert [kind for kind, _ in calls] == ["run"]
+    assert calls[0][1]["data"] == str(root / "mine") and calls[0][1]["run"] == "demo-mine"
+
+
+def test_an_unknown_profile_is_refused_with_the_valid_ones(checkout, capsys):
+    from offroadseg import runner
+    from offroadseg.profiles import PROFILES
+
+    root, calls = checkout
+    with pytest.raises(SystemExit) as info:
+        runner.main(["--profile", "nope"])
+    assert info.value.code == 2 and not calls
+    err = capsys.readouterr().err
+    assert "--profile" in err and "'nope'" in err and all(f"'{name}'" in err for name in PROFILES)
+
+
+def test_bad_data_or_weights_stop_before_any_work_naming_the_path_and_the_fix(checkout, capsys, monkeypatch):
+    from offroadseg import runner
+
+    root, calls = checkout
+    monkeypatch.setenv(runner.PROG_ENV, "./run_all.sh")
+    (root / "file.zip").write_bytes(b"")
+    assert runner.main(["--data", "nosuch", "--cwd", str(root)]) == 2
+    assert capsys.readouterr().err.strip() == f"./run_all.sh: --data {root / 'nosuch'}: no such folder"
+    assert runner.main(["--data", "file.zip", "--cwd", str(root)]) == 2
+    assert "give the folder holding the unzipped dataset" in capsys.readouterr().err
+    assert runner.main(["--weights", "w", "--profile", "full", "--cwd", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert str(root / "w") in err and "python -m offroadseg.weights download --profile full --to weights/" in err
+    assert runner.main(["--only", "07"]) == 2
+    assert "no notebook matches '07' (available: 01_data_scan, 02_train_segformer)" in capsys.readouterr().err
+    assert not calls and not (root / "outputs").exists()  # no desert made, no run folder touched
+
+
+def test_the_test_mode_runs_the_three_tiers_in_order_and_stops_at_the_first_failure(checkout, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from offroadseg import runner
+
+    root, calls = checkout
+    ran, codes = [], {}
+
+    def fake_run(command, cwd=None, **kwargs):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, codes.get(tuple(command), 0))
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    python = sys.executable
+    lint = [python, "-m", "ruff", "check", "."]
+    fast = [python, "-m", "pytest", "-m", "not slow", "tests"]
+    slow = [python, "-m", "pytest", "--nbval", "-m", "slow", "tests", "notebooks"]
+
+    assert runner.main(["--test", "--cwd", str(root)]) == 0
+    assert ran == [lint, fast, slow] and calls == [("desert", root / "data" / "demo_desert")]
+    out = capsys.readouterr().out
+    assert out.index("test: lint") < out.index("test: fast unit tests") < out.index("test: slow tests and the notebooks")
+
+    ran.clear()
+    codes[tuple(fast)] = 1
+    assert runner.run_tests(root) == 1 and ran == [lint, fast]  # the slow tier never starts
+    ran.clear()
+    codes[tuple(lint)] = 1
+    assert runner.run_tests(root) == 2 and ran == [lint]
+    assert "'ruff check . --fix' repairs" in capsys.readouterr().err
+
+    # A checkout whose notebooks/ differs from git (git diff --quiet exits 1): a warning first, then the tiers.
+    codes.clear()
+    (root / ".git").write_text("gitdir: elsewhere\n")  # a worktree's .git is a file
+    monkeypatch.setattr(runner.shutil, "which", lambda name: "/usr/bin/git")
+    codes[("git", "diff", "--quiet", "--", "notebooks/")] = 1
+    ran.clear()
+    assert runner.run_tests(root) == 0 and ran[0][:2] == ["git", "diff"] and ran[1:] == [lint, fast, slow]
+    assert "notebooks/ differs from the committed version" in capsys.readouterr().err
+
+
+def test_test_and_lab_refuse_the_options_that_choose_a_run(checkout, capsys):
+    from offroadseg import runner
+
+    root, calls = checkout
+    for argv in (["--test", "--data", "x"], ["--lab", "--run", "r", "--set", "epochs=1"], ["--test", "--lab"]):
+        with pytest.raises(SystemExit) as info:
+            runner.main(argv)
+        assert info.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "--test runs the test suite" in err and "drop --data\n" in err
+    assert "--lab opens the notebooks" in err and "drop --run, --set\n" in err and "not allowed with argument" in err
+    assert not calls
+
+
+def test_lab_copies_the_notebooks_and_keeps_existing_copies(checkout, monkeypatch, capsys):
+    import sys
+
+    from offroadseg import runner
+
+    root, calls = checkout
+    (root / "lab").mkdir()
+    (root / "lab" / "01_data_scan.ipynb").write_text("my edits")
+
+    class Exec(Exception):
+        pass
+
+    def fake_execv(path, argv):
+        raise Exec(path, argv)
+
+    monkeypatch.setattr(runner.os, "execv", fake_execv)
+    with pytest.raises(Exec) as info:
+        runner.main(["--lab", "--cwd", str(root)])
+    assert info.value.args == (sys.executable, [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={root / 'lab'}"])
+    assert (root / "lab" / "01_data_scan.ipynb").read_text() == "my edits"
+    assert (root / "lab" / "02_train_segformer.ipynb").read_bytes() == (root / "notebooks" / "02_train_segformer.ipynb").read_bytes()
+    assert "JupyterLab on lab/" in capsys.readouterr().out and not calls

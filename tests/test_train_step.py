@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from test_engine import ColourBlocks, TinySegNet, data, fast_config, fresh_model
 from torch.utils.data import Dataset
 
-from offroadseg import engine
+from offroadseg import engine, train_step
 from offroadseg.augment import AugmentRecipe
 from offroadseg.batch_augment import BatchAugment
 from offroadseg.checkpoints import load_checkpoint
@@ -406,12 +406,12 @@ def test_fit_says_model_and_batch_size_before_training(tmp_path, capsys):
 def test_channels_last_only_where_the_gpu_has_tensor_cores_and_the_choice_is_recorded(tmp_path, monkeypatch):
     config = fast_config()
     cuda = torch.device("cuda")
-    assert engine.memory_format(config, torch.device("cpu")) == torch.contiguous_format
-    monkeypatch.setattr(engine, "tensor_cores", lambda device: False)  # a P100
-    assert engine.memory_format(config, cuda) == torch.contiguous_format
-    monkeypatch.setattr(engine, "tensor_cores", lambda device: True)  # a T4, an H100
-    assert engine.memory_format(config, cuda) == torch.channels_last
-    assert engine.memory_format(fast_config(channels_last=False), cuda) == torch.contiguous_format
+    assert train_step.memory_format(config, torch.device("cpu")) == torch.contiguous_format
+    monkeypatch.setattr(train_step, "tensor_cores", lambda device: False)  # a P100
+    assert train_step.memory_format(config, cuda) == torch.contiguous_format
+    monkeypatch.setattr(train_step, "tensor_cores", lambda device: True)  # a T4, an H100
+    assert train_step.memory_format(config, cuda) == torch.channels_last
+    assert train_step.memory_format(fast_config(channels_last=False), cuda) == torch.contiguous_format
     monkeypatch.undo()
     history = fit(fresh_model(), *data(), fast_config(epochs=1, num_workers=1), tmp_path / "run", progress=False)
     backend = history[0]["backend"]
@@ -431,3 +431,58 @@ def test_precision_is_decided_once_on_this_processs_own_device(monkeypatch):
     monkeypatch.setattr(engine, "resolve_precision", resolve_precision)
     accelerator = engine.make_accelerator("auto")
     assert asked == [("auto", accelerator.device)] and accelerator.mixed_precision == "no"
+
+
+def test_a_skipped_step_leaves_the_fused_adamw_as_it_was():
+    # Pins the one use of a private input (train_step.step_unless): the fused kernel's found_inf.
+    from offroadseg.train_step import step_unless
+
+    model = fresh_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    step_unless(optimizer, torch.tensor(False))  # applied: the parameters move, the step counts
+    applied = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state = {k: {n: v.clone() for n, v in s.items()} for k, s in optimizer.state.items()}
+    step_unless(optimizer, torch.tensor(True))  # skipped: nothing moves
+    assert all(torch.equal(p, applied[name]) for name, p in model.named_parameters())
+    for key, saved in state.items():
+        assert all(torch.equal(optimizer.state[key][n], v) for n, v in saved.items())
+    assert not hasattr(optimizer, "found_inf")
+
+
+# --------------------------------------------------------------------- issue 22: one seeding mechanism
+
+
+def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(tmp_path):
+    # Both kinds of draw: per sample (made in a loader worker, from the sample's seed) and per batch
+    # (BatchAugment on the device, from the global generator seeded at the epoch's start).
+    sampler = BatchAugment((16, 16))
+
+    def recorder(stop_after=None):
+        draws = []
+
+        def batch_transform(images, masks):
+            if len(images) != 4:  # fit's size line before training, on one sample
+                return images, masks
+            if stop_after is not None and len(draws) == stop_after:
+                raise KeyboardInterrupt  # killed in the middle of epoch 2
+            params = sampler.sample(len(images), 16, 16)
+            draws.append((images[:, 0, 0, 0].tolist(), params.angle.tolist(), params.box.flatten().tolist()))
+            return images, masks
+
+        return draws, batch_transform
+
+    config = fast_config(epochs=3, batch_size=4, num_workers=1)  # one persistent worker
+    straight, transform = recorder()
+    fit(fresh_model(), WorkerDraws(16), ColourBlocks(4, seed=2), config, tmp_path / "straight",
+        batch_transform=transform, progress=False)
+    assert len(straight) == 12  # 4 steps an epoch
+    _, transform = recorder(stop_after=6)
+    with pytest.raises(KeyboardInterrupt):
+        fit(fresh_model(), WorkerDraws(16), ColourBlocks(4, seed=2), config, tmp_path / "stopped",
+            batch_transform=transform, progress=False)
+    resumed, transform = recorder()
+    fit(fresh_model(), WorkerDraws(16), ColourBlocks(4, seed=2), config, tmp_path / "stopped",
+        batch_transform=transform, progress=False)
+    assert resumed == straight[4:]  # epochs 2 and 3, draw for draw

@@ -67,7 +67,7 @@ def checkpoint(tmp_path_factory):
     model = build_model(MODEL[0], **MODEL[1])
     fit(model, Scenes(range(0, FRAMES, 2)), Scenes(range(1, FRAMES, 2)),
         TrainConfig(epochs=4, batch_size=1, lr=3e-3, warmup_epochs=0.5, precision="fp32"), out,
-        progress=False, inference=modelinfo.inference_info(INPUT, spec=model.spec))
+        progress=False, inference_record=modelinfo.inference_info(INPUT, spec=model.spec))
     return out / "best.pt"
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import write_standin_mit, write_standin_resnet
+from helpers import assert_names, write_standin_mit, write_standin_resnet
 
-from offroadseg import training, weights
+from offroadseg import weights
+from offroadseg.chapters import assembly
 from offroadseg.models import PretrainedUnavailable, build_model, count_parameters, segformer
 from offroadseg.profiles import DEMO, FULL, ModelPlan
 
@@ -38,14 +39,14 @@ def test_full_profile_needs_the_published_file_names():
 
 def test_without_a_folder_nothing_changes():
     for role in ("segformer", "deeplab", "student"):
-        assert training.model_plan(FULL, role) == getattr(FULL, role)
+        assert assembly.model_plan(FULL, role) == getattr(FULL, role)
     assert weights.resolve("segformer-b2", "nvidia/mit-b2", None) == "nvidia/mit-b2"
 
 
 @pytest.mark.slow  # ~8 s on 2 cores: a real-size B1
 def test_segformer_plan_resolves_inside_the_folder_without_network(tmp_path, no_network):
     source = write_standin_mit(tmp_path / "mit-b1", "b1")
-    plan = training.model_plan(FULL, "student", weights_dir=tmp_path)
+    plan = assembly.model_plan(FULL, "student", weights_dir=tmp_path)
     assert plan.pretrained == str(tmp_path / "mit-b1")
     model = build_model(plan.name, pretrained=plan.pretrained, **plan.options)
     for key, value in source.segformer.state_dict().items():
@@ -62,7 +63,7 @@ def test_resnet_plan_resolves_to_torchvision_file_name(tmp_path, no_network, mon
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_hub)
     state = write_standin_resnet(tmp_path / "resnet18-f37072fd.pth", 18)  # torchvision's name for IMAGENET1K_V1
     profile = FULL.with_overrides(deeplab=ModelPlan("deeplabv3plus-resnet18", pretrained=pretrained))
-    plan = training.model_plan(profile, "deeplab", weights_dir=str(tmp_path))
+    plan = assembly.model_plan(profile, "deeplab", weights_dir=str(tmp_path))
     assert plan.pretrained == str(tmp_path / "resnet18-f37072fd.pth")
     model = build_model(plan.name, pretrained=plan.pretrained)
     for key, value in model.encoder.state_dict().items():
@@ -71,27 +72,28 @@ def test_resnet_plan_resolves_to_torchvision_file_name(tmp_path, no_network, mon
 
 def test_missing_entry_names_the_file_and_the_command(tmp_path, no_network):
     with pytest.raises(PretrainedUnavailable) as error:
-        training.model_plan(FULL, "segformer", weights_dir=tmp_path)
+        assembly.model_plan(FULL, "segformer", weights_dir=tmp_path)
     message = str(error.value)
     assert str(tmp_path / "mit-b2") in message and "is missing" in message
     assert f"python -m offroadseg.weights download --model segformer-b2 --pretrained nvidia/mit-b2 --to {tmp_path}" in message
-    with pytest.raises(PretrainedUnavailable, match=r"resnet101-cd907fc2\.pth.*download --model deeplabv3plus-resnet101"):
-        training.model_plan(FULL, "deeplab", weights_dir=tmp_path)
+    with pytest.raises(PretrainedUnavailable) as error:
+        assembly.model_plan(FULL, "deeplab", weights_dir=tmp_path)
+    assert_names(error, tmp_path / "resnet101-cd907fc2.pth", "download --model deeplabv3plus-resnet101")
     (tmp_path / "mit-b1").mkdir()  # a half-made copy: no config.json
     with pytest.raises(PretrainedUnavailable, match="is incomplete"):
-        training.model_plan(FULL, "student", weights_dir=tmp_path)
+        assembly.model_plan(FULL, "student", weights_dir=tmp_path)
 
 
 def test_an_existing_path_stays_and_no_pretrained_stays_none(tmp_path):
     write_standin_resnet(tmp_path / "mine.pth", 18)
     assert weights.resolve("deeplabv3plus-resnet18", str(tmp_path / "mine.pth"), tmp_path / "w") == str(tmp_path / "mine.pth")
     assert weights.resolve("segformer-b1", None, tmp_path) is None
-    assert training.model_plan(DEMO, "segformer", weights_dir=tmp_path) == DEMO.segformer
+    assert assembly.model_plan(DEMO, "segformer", weights_dir=tmp_path) == DEMO.segformer
 
 
 def test_checkpoint_of_another_size_in_the_folder_is_an_error(tmp_path, no_network):
     write_standin_mit(tmp_path / "mit-b1", "b0")  # mit-b0 weights where mit-b1 belongs
-    plan = training.model_plan(FULL, "student", weights_dir=tmp_path)
+    plan = assembly.model_plan(FULL, "student", weights_dir=tmp_path)
     with pytest.raises(PretrainedUnavailable, match="do not fit segformer-b1.*of another shape"):
         build_model(plan.name, pretrained=plan.pretrained, **plan.options)
 
@@ -154,7 +156,7 @@ def test_download_writes_exactly_the_folder_then_skips(tmp_path, monkeypatch):
     assert network.urls == [(torchvision.models.ResNet101_Weights.IMAGENET1K_V2.url, "cd907fc2")]
     assert (target / "mit-b2" / "config.json").is_file() and any((target / "mit-b2").glob("*.safetensors"))
     # What it wrote is what the plans resolve to.
-    assert training.model_plan(FULL, "student", weights_dir=target).pretrained == str(target / "mit-b1")
+    assert assembly.model_plan(FULL, "student", weights_dir=target).pretrained == str(target / "mit-b1")
     assert weights.main(["download", "--profile", "full", "--to", str(target)]) == 0
     assert len(network.hub_ids) == 2 and len(network.urls) == 1  # all there: nothing fetched again
 
@@ -167,10 +169,24 @@ def test_interrupted_download_never_looks_finished(tmp_path, monkeypatch):
         weights.main(["download", "--model", "segformer-b1", "--pretrained", "nvidia/mit-b1", "--to", str(target)])
     assert os.listdir(target) == []  # no mit-b1, no leftover partial folder
     with pytest.raises(PretrainedUnavailable, match="is missing"):
-        training.model_plan(FULL, "student", weights_dir=target)
+        assembly.model_plan(FULL, "student", weights_dir=target)
     network.fail_saving = False
     weights.main(["download", "--model", "segformer-b1", "--pretrained", "nvidia/mit-b1", "--to", str(target)])
     assert os.listdir(target) == ["mit-b1"] and network.urls == []  # --model alone: only that entry
+
+
+def test_offline_download_says_so_in_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+    import transformers  # as the stand-in network above: transformers takes seconds to import
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.SegformerForImageClassification, "from_pretrained", classmethod(offline))
+    target = tmp_path / "weights"
+    assert weights.main(["download", "--model", "segformer-b1", "--pretrained", "nvidia/mit-b1", "--to", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert str(target) in err and "huggingface.co" in err and "--weights" in err and "Traceback" not in err
+    assert os.listdir(target) == []  # nothing half-written
 
 
 def test_download_command_line_errors(capsys):
@@ -194,5 +210,5 @@ def test_training_notebooks_take_a_weights_folder(notebook, role, tmp_path):
     defaults: dict = {}
     exec(parameters.source, {}, defaults)
     assert defaults["weights"] is None
-    call = next(c.source for c in nb.cells if "training.model_plan(" in c.source or "training.teacher_chapter(" in c.source)
+    call = next(c.source for c in nb.cells if "assembly.model_plan(" in c.source or "teachers.teacher_chapter(" in c.source)
     assert "weights_dir=weights" in call and f'"{role}"' in call

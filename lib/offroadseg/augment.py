@@ -13,16 +13,15 @@ then yields uint8 tensors at the cache size, `to_tensors`). Both take the same
 recipe and give the same geometry and fills; tests/test_batch_augment.py holds
 them to it.
 
-Alignment rules: the image is interpolated bilinearly (antialiased when
-shrinking), the mask by nearest neighbour, so labels never blend; pixels that
-rotation or down-scaling bring in from outside the image are 255 (ignore) in
-the mask and the ImageNet mean colour in the image (zero after normalising).
-Rotation, scale, flip and jitter are torchvision.transforms.v2 transforms on
-`tv_tensors.Image` / `tv_tensors.Mask`. The crop-and-resize step is done here
-instead: for masks v2's resize uses torch's "nearest", which samples the
-top-left source pixel of each output cell and so shifts labels by up to half an
-output pixel against the bilinear image; "nearest-exact" samples the cell's
-centre and keeps the two aligned.
+Alignment rules: the crop-and-resize step (and evaluation's plain resize) is
+`preprocess.resize_image` / `resize_mask`, the rule every path to a model input
+follows: bilinear antialiased image, nearest-exact mask, so labels never blend
+and stay aligned with the image (v2's own resize would take torch's "nearest"
+for masks, half an output pixel off). Pixels that rotation or down-scaling
+bring in from outside the image are 255 (ignore) in the mask and the ImageNet
+mean colour in the image (zero after normalising). Rotation, scale, flip and
+jitter are torchvision.transforms.v2 transforms on `tv_tensors.Image` /
+`tv_tensors.Mask`.
 
 Random numbers come from torch's global generator (seed it, or let the
 DataLoader seed its workers). Transforms are picklable objects, fit for
@@ -31,7 +30,6 @@ DataLoader workers.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,12 +37,10 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import RandomResizedCrop as _CropSampler
-from torchvision.transforms.v2 import functional as TF
 
 from .classes import IGNORE_INDEX
+from .preprocess import IMAGENET_MEAN, resize_image, resize_mask, to_model_input
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The mean as a uint8 colour: what out-of-image pixels are filled with, so they normalise to ~0.
 MEAN_COLOUR = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
@@ -85,27 +81,6 @@ class AugmentRecipe:
                 object.__setattr__(self, name, tuple(value))
 
 
-@functools.lru_cache(maxsize=256)
-def device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small constant tensor on `device`, made there once: `torch.tensor(..., device=cuda)` is a
-    blocking host-to-device copy, a host sync, every time. Read-only (never modify it in place)."""
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """Float image(s) in [0, 1], shape (..., 3, H, W) -> ImageNet-normalised."""
-    mean = device_constant(IMAGENET_MEAN, image.dtype, image.device).view(3, 1, 1)
-    std = device_constant(IMAGENET_STD, image.dtype, image.device).view(3, 1, 1)
-    return (image - mean) / std
-
-
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """Inverse of `normalize`: back to [0, 1] (not clamped), shape (..., 3, H, W)."""
-    mean = device_constant(IMAGENET_MEAN, image.dtype, image.device).view(3, 1, 1)
-    std = device_constant(IMAGENET_STD, image.dtype, image.device).view(3, 1, 1)
-    return image * std + mean
-
-
 class SegmentationTransform:
     """(image, mask) -> (normalised float image (3, H, W), int64 mask (H, W)).
 
@@ -142,17 +117,15 @@ class SegmentationTransform:
             aspect = out_w / out_h  # crops keep the output's aspect ratio: no stretching
             box = _CropSampler.get_params(image, list(self.crop_scale), [aspect, aspect])
         size = list(self.size or (box[2], box[3]))
-        if box != (0, 0, height, width) or size != [height, width]:
-            image = TF.resized_crop(image, *box, size, InterpolationMode.BILINEAR, antialias=True)
-            if mask is not None and not self.keep_mask_size:
-                # A plain tensor takes the image path, where "nearest-exact" is honoured (see module doc).
-                mask = TF.resized_crop(mask, *box, size, InterpolationMode.NEAREST_EXACT)
+        image = resize_image(image, size, box)
+        if mask is not None and not self.keep_mask_size:
+            mask = resize_mask(mask, size, box)
         if self.augment is not None:
             if mask is None:
                 image = self.augment(tv_tensors.Image(image))
             else:
                 image, mask = self.augment(tv_tensors.Image(image), tv_tensors.Mask(mask))
-        image = normalize(TF.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True))
+        image = to_model_input(image.as_subclass(torch.Tensor))
         if mask is not None:
             mask = mask.as_subclass(torch.Tensor)[0].long()
         return image, mask

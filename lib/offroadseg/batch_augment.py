@@ -18,8 +18,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .augment import MEAN_COLOUR, AugmentRecipe, device_constant, normalize
+from .augment import MEAN_COLOUR, AugmentRecipe
 from .classes import IGNORE_INDEX
+from .preprocess import device_constant, normalize
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -89,7 +90,8 @@ class BatchAugment:
     follows per sample in ColorJitter's random order, with hue shifted
     through HSV.
 
-    Differences from the CPU path, all within a pixel or a grey level: one
+    Differences from the CPU path (whose crop and resize is `preprocess`'s rule, the one every
+    model input follows), all within a pixel or a grey level: one
     resampling instead of up to three (slightly sharper, and mask labels at
     class edges can differ where two nearest-neighbour steps rounded
     differently); antialiasing when shrinking approximates the triangle filter

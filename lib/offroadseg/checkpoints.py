@@ -4,9 +4,10 @@ Run folder (outputs/<run>/models/<name>/ = `out_dir`):
     best.pt       the checkpoint of the epoch with the best val mIoU
     last.pt       the checkpoint of the latest finished epoch (resume point)
     previous.pt   the one before it: the fallback when last.pt is found damaged
-    history.json  one dict per finished epoch (see `engine.fit`)
+    history.json  one dict per finished epoch (see `engine.fit`), each with the run's best epoch so
+                  far (`best_epoch`); `best_row` reads the best epoch's row from it
 A checkpoint is a dict (`checkpoint_state`): model (CPU state_dict, decoder pruning folded in),
-spec, optimizer, scheduler, scaler, epoch, best_miou, best_epoch, skipped_steps, history, rng,
+spec, optimizer, scheduler, scaler, epoch, best_miou, best_epoch, skipped_steps, history,
 config, setup, inference (what predicting on new images needs, `offroadseg.modelinfo`; None if
 not given). It holds only plain types and tensors, so it loads with torch.load(weights_only=True).
 Every file is replaced atomically, and every read checks the CRC32 of each of the archive's
@@ -15,18 +16,19 @@ is reported as such, never loaded as if it were fine.
 
 Resuming continues the same run: `check_resumable` refuses a checkpoint trained with other
 settings (all but RESUMABLE_CHANGES), and `restore_training_state` puts back the optimizer,
-scheduler, grad scaler and random generators, so the run goes on as if it had never stopped.
+scheduler and grad scaler. The random draws need no saving: every draw of an epoch is seeded
+from (seed, epoch) at the epoch's start (`sampling`), so a resumed run draws what an
+uninterrupted one drew and goes on as if it had never stopped.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import random
 import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -70,7 +72,6 @@ def checkpoint_state(*, epoch: int, model: nn.Module, spec: dict | None, optimiz
         "best_epoch": best_epoch,
         "skipped_steps": skipped_steps,
         "history": history,
-        "rng": rng_state(),
         "config": config,
         "setup": setup,
         "inference": inference,
@@ -208,19 +209,20 @@ def check_resumable(checkpoint: dict, config: dict, setup: dict, path: Path) -> 
         )
 
 
-def restore_training_state(checkpoint: dict, optimizer, scheduler, scaler, lr_multiplier) -> None:
-    """Load optimizer, scheduler, grad scaler and RNG states from a checkpoint (after accelerate's prepare)."""
+def restore_training_state(checkpoint: dict, optimizer, scheduler, scaler) -> None:
+    """Load optimizer, scheduler and grad scaler states from a checkpoint (after accelerate's prepare).
+
+    The scheduler's multiplier is the new call's (a plain function is no part of its state), so
+    stepping it once from the step before puts every group's learning rate where the schedule of
+    the current number of epochs, which may have grown, has it now."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     _fused_after_load(optimizer)
     scheduler.load_state_dict(checkpoint["scheduler"])
-    # The next steps follow the schedule for the current number of epochs, which may have grown.
-    steps_done = scheduler.scheduler.last_epoch
-    for group, base_lr in zip(optimizer.param_groups, scheduler.scheduler.base_lrs):
-        group["lr"] = base_lr * lr_multiplier(steps_done)
-    scheduler.scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    inner = scheduler.scheduler  # accelerate's wrapper would step it once per process
+    inner.last_epoch -= 1
+    inner.step()
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"])
 
 
 def _fused_after_load(optimizer) -> None:
@@ -235,30 +237,19 @@ def _fused_after_load(optimizer) -> None:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
 
 
-# ------------------------------------------------------------------------ random state
+# ------------------------------------------------------------------------ history
 
 
-def rng_state() -> dict:
-    """The python, numpy, torch CPU (and, once initialised, CUDA) generators' states."""
-    # numpy's state as a tensor: checkpoints stay loadable with weights_only=True.
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Put back what `rng_state` captured (CUDA's only on the same number of GPUs)."""
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def best_row(history: list[dict]) -> dict:
+    """The history row of the best epoch (the one best.pt holds): the epoch the last row names as
+    `best_epoch`; for a history written before rows named it, the first row of the highest val mIoU
+    (the rule fit keeps it by). A ValueError for an empty history or one without a val mIoU."""
+    if not history:
+        raise ValueError("no training history yet: train the model first")
+    best = history[-1].get("best_epoch")
+    if best is not None:
+        return next(row for row in history if row["epoch"] == best)
+    scored = [row for row in history if row.get("val_miou") is not None and not math.isnan(row["val_miou"])]
+    if not scored:
+        raise ValueError("no epoch of this history has a val mIoU")
+    return max(scored, key=lambda row: row["val_miou"])

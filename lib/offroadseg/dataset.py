@@ -60,36 +60,29 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from filelock import FileLock, Timeout
-from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .classes import IGNORE_INDEX
 from .data import DataError, read_image, read_mask
 from .files import atomic_open, read_json, write_json
+from .preprocess import resize_pair
 
-FORMAT_VERSION = 1
+# 2: images resized by `preprocess.resize_pair` (antialiased bilinear, as predict; 1 was PIL's box filter).
+FORMAT_VERSION = 2
 # The folder for decode caches when set (see `cache_folder`); resolved from the working directory.
 CACHE_ENV = "OFFROADSEG_CACHE"
 # Pairs below this count decode in-process: starting worker processes would cost more than it saves.
 PARALLEL_MIN_PAIRS = 32
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None):
-    """Resize to (height, width): area-averaging for the image, nearest for the mask (labels never blend)."""
-    if size is None or image.shape[:2] == tuple(size):
-        return image, mask
-    height, width = size
-    # BOX averages every source pixel when shrinking (no aliasing of fine textures); bilinear when growing.
-    resample = Image.Resampling.BOX if image.shape[0] > height else Image.Resampling.BILINEAR
-    image = np.asarray(Image.fromarray(image).resize((width, height), resample))
-    if mask is not None:
-        mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
-    return image, mask
-
-
 def decode_pair(image_path, mask_path, size: tuple[int, int] | None):
     """One pair decoded and resized to `size` (height, width; None keeps it): (image uint8 HxWx3, mask uint8 HxW).
+
+    The resize is `preprocess.resize_pair`, the rule of every model input: cached val images
+    are the pixels predict computes from the same frame.
 
     A pair without a mask gets an all-ignore mask; a mask whose size differs from
     its image's is a DataError (resizing one to the other would misplace labels).
@@ -150,6 +143,12 @@ class SegmentationDataset:
 
     def stem(self, index: int) -> str:
         return self.pairs[index][0].stem
+
+
+def eval_loader(dataset, batch_size: int = 8, workers: int = 0) -> DataLoader:
+    """The evaluation DataLoader: fixed order, no drop, every sample once (the training loaders are
+    `sampling`'s). What scoring, calibration and BatchNorm re-estimation read through."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def cache_folder(run_dir: str | os.PathLike) -> Path:
@@ -339,7 +338,7 @@ def _decode_all(pairs, size: tuple[int, int], workers: int | None):
         for image, mask in pairs:
             yield decode_pair(image, mask, size)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
         pending = deque()
         for image, mask in pairs:
             pending.append(pool.submit(decode_pair, image, mask, size))
@@ -347,3 +346,9 @@ def _decode_all(pairs, size: tuple[int, int], workers: int | None):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _one_thread() -> None:
+    """Each decode worker resizes with one torch thread: the workers already fill the cores, and
+    each with torch's default of a thread per core would oversubscribe them."""
+    torch.set_num_threads(1)

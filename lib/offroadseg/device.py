@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -153,9 +155,37 @@ def model_device(predictor) -> torch.device:
     """Where `predictor` computes: its first parameter's (or buffer's) device for a module; a
     callable's `device` attribute (an ONNX session wrapper: the CPU); else the CPU."""
     if isinstance(predictor, nn.Module):
-        for tensor in (*predictor.parameters(), *predictor.buffers()):
+        # The first tensor only: the generators stop there (a B2 + R101 ensemble has over 1,000 tensors).
+        tensor = next(itertools.chain(predictor.parameters(), predictor.buffers()), None)
+        if tensor is not None:
             return tensor.device
     return torch.device(getattr(predictor, "device", "cpu"))
+
+
+# Module trees seen by `on_device`, and the generation they were walked at. Any submodule registered
+# anywhere (`module.x = nn.Conv2d(...)`, `add_module`) starts a new generation through torch's public
+# global registration hook, so a changed tree is walked again; what stays fixed between calls (the
+# tree) is not walked on every call, only what can change (each module's train/eval mode) is read.
+# A submodule written into `_modules` directly bypasses the hook: nothing in this project does that.
+_tree_generation = 0
+_trees: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _new_tree_generation(module, name, submodule):
+    global _tree_generation
+    _tree_generation += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_new_tree_generation)
+
+
+def modules_of(predictor: nn.Module) -> tuple[nn.Module, ...]:
+    """`tuple(predictor.modules())`, walked once per tree: again only after a submodule was registered."""
+    cached = _trees.get(predictor)
+    if cached is None or cached[0] != _tree_generation:
+        cached = (_tree_generation, tuple(predictor.modules()))
+        _trees[predictor] = cached
+    return cached[1]
 
 
 @contextlib.contextmanager
@@ -172,20 +202,23 @@ def on_device(predictor, device=None):
         yield predictor
         return
     device = model_device(predictor) if device is None else torch.device(device)
-    modes = [(module, module.training) for module in predictor.modules()]
-    params, buffers = [], []
-    for module in predictor.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                grad = param.grad
-                params.append((module, name, param, param.data, grad, None if grad is None else grad.data))
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                buffers.append((module, name, buffer))
     moved = model_device(predictor) != device
+    # Only the modules in training mode are switched and switched back: an eval-mode model (predict's
+    # case, every call) costs a read of each module's flag, no walk of its tensors.
+    training = [module for module in modules_of(predictor) if module.training]
+    params, buffers = [], []
     if moved:
+        for module in predictor.modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    grad = param.grad
+                    params.append((module, name, param, param.data, grad, None if grad is None else grad.data))
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    buffers.append((module, name, buffer))
         predictor.to(device)
-    predictor.eval()
+    if training:
+        predictor.eval()
     try:
         yield predictor
     finally:
@@ -198,8 +231,8 @@ def on_device(predictor, device=None):
                     param.grad = grad
             for module, name, buffer in buffers:
                 module._buffers[name] = buffer
-        for module, mode in modes:
-            module.training = mode
+        for module in training:
+            module.training = True
 
 
 # --------------------------------------------------------------------- the GPU check

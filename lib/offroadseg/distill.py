@@ -23,10 +23,9 @@ The loss, per batch:
   of unlabelled images only has a hard term of 0, not NaN); with `confidence_threshold` set,
   its pixels join the soft term where the ensemble is confident (its max class probability
   at T = 1 at least the threshold, `soft_weights`), so the student learns the new desert from
-  the teachers' soft labels where they are likely right. `adaptation.confidence_table` measures
-  on labelled val images how often the ensemble's argmax is right at each confidence level, and
-  `adaptation.choose_threshold` picks the threshold from that table. Without a threshold (the default)
-  unlabelled pixels count nowhere, as before.
+  the teachers' soft labels where they are likely right (`adaptation.choose_threshold` picks the
+  threshold from how often the ensemble is right on labelled val images at each confidence).
+  Without a threshold (the default) unlabelled pixels count nowhere.
 - Feature matching (see `FeatureProjections`): for each teacher and each
   matched layer (default: the deepest encoder stage and the decoder's fused
   map, `features[-2:]` in `offroadseg.models`), the student's map is projected
@@ -35,11 +34,10 @@ The loss, per batch:
   standardised per pixel over channels, and the MSE is taken; teachers are
   weighted by their ensemble weights.
 
-The teachers run online, inside `step_loss`, under the same autocast as the
-student: training augments every batch afresh (crops, rotations, flips,
-jitter), so cached soft labels would have to be stored per augmented sample or
-re-augmented consistently with the image. `cost_split` measures what the
-teachers cost against the student's step, which is what caching could save.
+The teachers run online, inside `step_loss`, under the student's autocast: training augments
+every batch afresh (crops, rotations, flips, jitter), so cached soft labels would have to be
+stored per augmented sample. `cost_split` measures what the teachers cost against the student's
+step, which is what caching could save.
 
 `DistillationStudent` is the module given to `engine.fit`: it holds the student
 and the projections (so the optimizer and DDP see both), validates as the
@@ -61,6 +59,7 @@ from .classes import IGNORE_INDEX
 from .device import inference_autocast
 from .ensemble import Ensemble
 from .losses import CrossEntropyLoss
+from .profiles import DistillConfig
 
 # Which of the models' five feature maps are matched: the deepest encoder stage (what the
 # encoder understood) and the decoder's fused map (what the classifier reads).
@@ -251,7 +250,8 @@ class DistillationLoss(nn.Module):
     least the threshold; see `soft_weights`.
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 2.0, beta: float = 0.5,
+    def __init__(self, alpha: float = DistillConfig.alpha, temperature: float = DistillConfig.temperature,
+                 beta: float = DistillConfig.beta,
                  hard_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  ignore_index: int = IGNORE_INDEX, confidence_threshold: float | None = None):
         super().__init__()

@@ -1,13 +1,16 @@
 """One training loop for every model of the project: the teachers and the distilled student.
 
-`fit` is meant to be read top to bottom, in the manner of transformers'
-run_semantic_segmentation_no_trainer.py: set-up, optional resume, then per epoch a
-visible train loop on Accelerate, a validation pass, early stopping and checkpoints.
-Its parts live beside it: the checkpoint files and resuming in `checkpoints`, the sample
-order and the per-epoch seeds in `sampling`, the guarded step and its faults in `train_step`.
+`fit` reads top to bottom, in the manner of transformers' run_semantic_segmentation_no_trainer.py:
+set-up (accelerator, resume weights, loaders, optimizer), then per epoch a visible train loop on
+Accelerate, a validation pass, the history row and the checkpoints. What it changes outside
+itself is put back however it ends, an exception included: torch's global settings
+(`training_backends`), the decoder pruning (`pruning.pruned_decoder`, the one optional hook) and
+accelerate's references to the model. Its parts live beside it: the checkpoint files and resuming
+in `checkpoints`, the sample order and the per-epoch seeds in `sampling`, the guarded step, the
+skip rule and the fault messages in `train_step`.
 
 Multi-GPU: run `fit` under `accelerate launch` / torchrun, or from a notebook through
-`launch(fn, args)`. `batch_size` is per process, so the global batch is batch_size x
+`launch(fn, *args, **kwargs)`. `batch_size` is per process, so the global batch is batch_size x
 processes; the learning-rate schedule is counted in single-process batches (accelerate
 steps the scheduler once per process per optimizer step), so it spans the same epochs
 whatever the number of processes.
@@ -15,7 +18,6 @@ whatever the number of processes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -33,13 +35,23 @@ from tqdm import tqdm
 
 from . import checkpoints
 from .classes import NUM_CLASSES
-from .device import default_device, device_name, resolve_precision, tensor_cores
+from .device import default_device, resolve_precision
 from .evaluate import evaluate_model
 from .files import write_json
 from .losses import cross_entropy
-from .pruning import prune_decoder, remove_pruning
-from .sampling import Loaders, make_loaders, seed_epoch
-from .train_step import SkippedSteps, StepStats, guarded_step, out_of_memory_advice, trial_line
+from .pruning import pruned_decoder
+from .sampling import make_loaders, seed_epoch
+from .train_step import (
+    SkippedSteps,
+    StepStats,
+    backend_line,
+    backend_record,
+    guarded_step,
+    memory_format,
+    out_of_memory_advice,
+    training_backends,
+    trial_line,
+)
 
 
 @dataclass
@@ -54,7 +66,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 / fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     patience: int = 0  # early stop after this many epochs without a val mIoU gain; 0 = off
     seed: int = 0
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes asked for (per loader; `sampling.loader_workers` caps it)
     prune_decoder: float = 0.0  # fraction of decoder conv/linear weights L1-pruned; 0 = off
     max_bad_steps: int = 5  # this many non-finite steps in a row stop training (TrainingDiverged)
     channels_last: bool | None = None  # NHWC activations (tensor cores' layout); None = where the GPU has tensor cores
@@ -84,8 +96,17 @@ def make_accelerator(precision: str = "auto") -> Accelerator:
         # one model in bf16, then another in fp32) it is safe to start it over.
         if "already been initialized" not in str(err) or PartialState().num_processes > 1:
             raise
-        AcceleratorState._reset_state()
+        restart_accelerate_state()
         return Accelerator(**settings)
+
+
+def restart_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that an Accelerator of another precision can be made.
+
+    Accelerate has no public way to do this (its notebook_launcher and its own tests call this same
+    private method); the one place it is called, pinned by
+    tests/test_engine.py::test_mixed_precision_path_and_switching_precision_in_one_process."""
+    AcceleratorState._reset_state()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -112,32 +133,6 @@ def warmup_cosine(warmup_steps: float, total_steps: float, min_lr_ratio: float) 
     return multiplier
 
 
-@contextlib.contextmanager
-def training_backends(device: torch.device):
-    """torch's global settings for fixed-size training on `device`, for the block, then as they were.
-
-    On CUDA: cudnn.benchmark (times the convolution algorithms once per input shape and keeps the
-    fastest: a win when every batch has the training size, for a few slow first steps) and
-    TF32 matrix products for what runs in fp32 (`set_float32_matmul_precision("high")`: the loss,
-    fp32 runs; Ampere and newer). Nothing changes on a CPU.
-    """
-    benchmark, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
-    try:
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.set_float32_matmul_precision("high")
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
-        torch.set_float32_matmul_precision(matmul)
-
-
-def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format:
-    """channels_last where it pays, on GPUs with tensor cores (compute 7.0 and up), unless the config says."""
-    channels_last = tensor_cores(device) if config.channels_last is None else config.channels_last
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
     """(AdamW, its warm-up + cosine LambdaLR, the LR multiplier): the multiplier, for a resume to re-apply."""
     # Fused: one kernel per step, and it can skip a bad step on the device (see train_step.guarded_step).
@@ -146,26 +141,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig, steps_per_epoch: int):
     lr_multiplier = warmup_cosine(config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch,
                                   config.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier), lr_multiplier
-
-
-def backend_record(accelerator: Accelerator, config: TrainConfig, memory: torch.memory_format, workers: int) -> dict:
-    """How this process trains, as history.json's rows and run.json record it (an epoch resumed on
-    another machine may differ): device, precision, layout, loader workers, processes."""
-    return {"device": device_name(accelerator.device), "processes": accelerator.num_processes,
-            "precision": {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision),
-            "channels_last": memory == torch.channels_last, "loader_workers": workers,
-            "persistent_workers": workers > 0, "compile": config.compile,
-            "cudnn_benchmark": accelerator.device.type == "cuda", "tf32_matmul": accelerator.device.type == "cuda"}
-
-
-def backend_line(backend: dict) -> str:
-    """The backend record as the one line fit prints before training."""
-    processes = f" x {backend['processes']} processes" if backend["processes"] > 1 else ""
-    settings = [backend["precision"], "channels_last" if backend["channels_last"] else "contiguous (NCHW)",
-                f"{backend['loader_workers']} loader workers per loader" + (" (persistent)" if backend["persistent_workers"]
-                                                                             else "")]
-    settings += [name for name in ("compile", "cudnn_benchmark", "tf32_matmul") if backend[name]]
-    return f"training on {backend['device']}{processes}: {', '.join(settings)}"
 
 
 # ---------------------------------------------------------------------------- training
@@ -181,9 +156,9 @@ def fit(
     sample_weights: Sequence[float] | None = None,
     step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
-    data_id: str | None = None,
+    data_fingerprint: str | None = None,
     batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    inference: dict | None = None,
+    inference_record: dict | None = None,
 ) -> list[dict]:
     """Train `model` on `train_set`, validate on `val_set` each epoch, checkpoint into `out_dir`.
 
@@ -192,20 +167,21 @@ def fit(
     masks) -> loss`, when given, replaces the training forward + loss (distillation runs its
     frozen teachers inside it; it runs under the same autocast, and `images` are already on
     the device). `sample_weights` (one per train sample) makes each epoch a weighted draw with
-    replacement of len(train_set) samples. `data_id` (the scan's data fingerprint) is saved with
-    the checkpoints, so resuming on changed data is refused rather than mixing two datasets.
+    replacement of len(train_set) samples. `data_fingerprint` (the scan's) is saved with the
+    checkpoints, so resuming on changed data is refused rather than mixing two datasets.
     `batch_transform(images, masks) -> (images, masks)` runs on each training batch once it is on
     the device (`batch_augment.BatchAugment`: augmentation on the GPU, the train set then yields uint8).
-    `inference` (`modelinfo.inference_info(...)`: input size, normalisation, class table, TTA flips)
-    is stored in every checkpoint under "inference", so the model file describes itself.
+    `inference_record` (`modelinfo.inference_info(...)`: input size, normalisation, class table, TTA
+    flips) is stored in every checkpoint under "inference", so the model file describes itself.
 
     If out_dir/last.pt exists, training resumes after its epoch (settings must match, see
     checkpoints.RESUMABLE_CHANGES); a finished run returns its history without training.
 
     Returns the history, one dict per epoch: epoch, train_loss, val_loss, val_miou,
     val_pixel_acc, per_class_iou (10, None where undefined), lr, seconds, images_per_s,
-    skipped_steps. `model` is left with the last epoch's weights (pruning made permanent);
-    use best.pt for the best ones.
+    skipped_steps, best_epoch (the best so far: `checkpoints.best_row`), backend (how it trained).
+    `model` is left with the last epoch's weights (pruning made permanent); use best.pt for the
+    best ones.
     """
     if len(val_set) == 0:
         raise ValueError("the val set is empty; fit needs one to measure mIoU")
@@ -216,37 +192,30 @@ def fit(
     set_seed(config.seed)
     say = accelerator.print
     setup = {"spec": getattr(model, "spec", None), "num_processes": accelerator.num_processes,
-             "train_samples": len(train_set), "weighted_sampling": sample_weights is not None, "data": data_id}
-
-    checkpoint, resume_path = _load_resume_weights(model, out_dir, config, setup)
-    if config.prune_decoder > 0:
-        # After the resumed weights (pruning their zeros finds the same mask), before the
-        # optimizer is built (pruning turns `weight` into `weight_orig`).
-        prune_decoder(model, config.prune_decoder)
+             "train_samples": len(train_set), "weighted_sampling": sample_weights is not None,
+             "data": data_fingerprint}
+    checkpoint, resume_path = load_resume_weights(model, out_dir, config, setup)  # before pruning finds its mask
     loaders = make_loaders(train_set, val_set, config.batch_size, config.seed, config.num_workers, sample_weights,
                            accelerator.process_index, accelerator.num_processes, accelerator.device.type == "cuda")
-    optimizer, scheduler, lr_multiplier = make_optimizer(model, config, len(loaders.train))
 
-    layout = memory_format(config, accelerator.device)
-    model = model.to(memory_format=layout)
-    if config.compile:
-        model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
-    model, optimizer, loaders.train, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
-    if len(loaders.train) == 0:
-        raise ValueError(f"{len(train_set)} train samples make no full batch of {config.batch_size} "
-                         f"on each of {accelerator.num_processes} processes; lower batch_size")
-    trainer = _Trainer(config, out_dir, accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler,
-                       loaders, layout, loss_fn, step_loss, batch_transform)
-    record = _resume(checkpoint, resume_path, trainer, lr_multiplier)
-    del checkpoint  # its tensors are loaded; free the memory
-    backend = backend_record(accelerator, config, layout, loaders.workers)
-
-    with training_backends(accelerator.device):
+    with pruned_decoder(model, config.prune_decoder), training_backends(accelerator.device):
+        optimizer, scheduler, _ = make_optimizer(model, config, len(loaders.train))  # on the pruned weights
+        layout = memory_format(config, accelerator.device)
+        model = model.to(memory_format=layout)
+        if config.compile:
+            model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
+        prepared, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
         try:
+            if len(train_loader) == 0:
+                raise ValueError(f"{len(train_set)} train samples make no full batch of {config.batch_size} "
+                                 f"on each of {accelerator.num_processes} processes; lower batch_size")
+            record = resume(checkpoint, resume_path, optimizer, scheduler, accelerator, config.epochs)
+            del checkpoint  # its tensors are loaded; free the memory
+            backend = backend_record(accelerator, config, layout, loaders.workers)
             if record.start_epoch <= config.epochs:  # a batch too large for the GPU shows here, in seconds
                 say(backend_line(backend))
                 with out_of_memory_advice(config, None, record.start_epoch, 0, out_dir):
-                    say(trial_line(trainer.unwrapped, train_set, config, accelerator, layout, batch_transform,
+                    say(trial_line(model, train_set, config, accelerator, layout, batch_transform,
                                    step_loss or (lambda m, x, y: loss_fn(m(x), y))))
             skips = SkippedSteps(config, out_dir, record.skipped_steps, accelerator.scaler,
                                  warn=accelerator.is_main_process)
@@ -257,16 +226,50 @@ def fit(
                         f"(best {record.best_miou:.4f} at epoch {record.best_epoch})")
                     break
                 started = time.perf_counter()
-                train = _train_epoch(trainer, epoch, skips, show_progress=progress)
-                _share_process_0_buffers(trainer)
+
+                # the training pass: no host sync per step (losses and verdicts are read every sync_every steps)
+                prepared.train()
+                train_loader.set_epoch(epoch)  # the epoch's sample order and the samples' seeds
+                seed_epoch(config.seed, epoch, accelerator.process_index)  # every other draw of the epoch
+                stats = StepStats.zeros(accelerator.device)
+                skips.start_epoch()
+                bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True,
+                           disable=not (progress and accelerator.is_main_process))
+                for step, (images, masks) in enumerate(bar):
+                    if batch_transform is not None:
+                        images, masks = batch_transform(images, masks)
+                    images = images.contiguous(memory_format=layout)
+                    with out_of_memory_advice(config, images, epoch, step, out_dir):
+                        loss, verdict = guarded_step(prepared, optimizer, accelerator, images, masks, loss_fn,
+                                                     step_loss, config.grad_clip)
+                    scheduler.step()  # skipped steps too: the schedule counts batches, so it spans the same epochs
+                    stats.add(loss, verdict, len(images))
+                    skips.record(epoch, step, verdict)
+                    if skips.due():
+                        skips.read()  # warnings; TrainingDiverged
+                        if not bar.disable:
+                            bar.set_postfix(loss=f"{stats.mean_loss():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                            refresh=False)
+                skips.read()
+                bar.close()
+                train = TrainedEpoch(*stats.totals(accelerator), time.perf_counter() - started, skips.in_epoch,
+                                     skips.overflows_in_epoch)
+
+                # validation, on the plain module, with process 0's BatchNorm statistics
+                share_process_0_buffers(model, accelerator)
                 with out_of_memory_advice(config, None, epoch, None, out_dir):
-                    val = evaluate(trainer.unwrapped, loaders.val, loss_fn, accelerator)
-                row = _history_row(epoch, train, val, scheduler.get_last_lr()[0], started, backend)
+                    val = evaluate(model, loaders.val, loss_fn, accelerator)
+
+                row = history_row(epoch, train, val, scheduler.get_last_lr()[0], started, backend)
                 improved = record.add(row, val["miou"], skips.total)
-                _save_epoch(trainer, record, improved, setup, inference)
-                say(_epoch_line(row, config.epochs, train, val, improved))
+                if accelerator.is_main_process:
+                    save_epoch(out_dir, record, improved, model, optimizer, scheduler, accelerator.scaler,
+                               config, setup, inference_record)
+                say(epoch_line(row, config.epochs, train, val, improved))
         finally:
-            _release(trainer)
+            # the plain module handed back: no autocast wrapper around its forward, no references kept
+            accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+            accelerator.free_memory()
     accelerator.wait_for_everyone()  # every process returns once process 0's files are complete
     return record.history
 
@@ -275,25 +278,7 @@ def fit(
 
 
 @dataclass
-class _Trainer:
-    """What the epochs of one `fit` call work with, once accelerate has prepared it."""
-
-    config: TrainConfig
-    out_dir: Path
-    accelerator: Accelerator
-    model: nn.Module  # as prepared (DDP, compiled): the training forward
-    unwrapped: nn.Module  # the plain module: validation and checkpoints
-    optimizer: torch.optim.Optimizer  # accelerate's wrapper of the fused AdamW
-    scheduler: torch.optim.lr_scheduler.LRScheduler  # accelerate's wrapper of the LambdaLR
-    loaders: Loaders
-    memory_format: torch.memory_format  # the model's and batches' layout (`memory_format`)
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None
-    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
-
-
-@dataclass
-class _RunRecord:
+class RunRecord:
     """Where the run stands: what each checkpoint saves and a resumed run starts from."""
 
     history: list[dict] = field(default_factory=list)
@@ -303,17 +288,19 @@ class _RunRecord:
     start_epoch: int = 1  # the first epoch this fit call trains
 
     def add(self, row: dict, val_miou: float, skipped_steps: int) -> bool:
-        """Append a finished epoch's history row; True when its val mIoU is the best so far."""
+        """Append a finished epoch's history row (with the best epoch so far); True when its val
+        mIoU is the best so far (the first of equal ones stays the best)."""
         improved = not math.isnan(val_miou) and val_miou > self.best_miou
         if improved:
             self.best_miou, self.best_epoch = val_miou, row["epoch"]
+        row["best_epoch"] = self.best_epoch or None
         self.history.append(row)
         self.skipped_steps = skipped_steps
         return improved
 
 
 @dataclass
-class _TrainedEpoch:
+class TrainedEpoch:
     loss: float  # mean loss of the applied steps, all processes
     images: float  # images trained on, all processes (skipped steps included)
     seconds: float  # the training pass alone
@@ -321,14 +308,11 @@ class _TrainedEpoch:
     overflows: int  # of them, fp16 overflows while the grad scaler calibrated (no fault)
 
 
-def _load_resume_weights(model: nn.Module, out_dir: Path, config: TrainConfig,
-                         setup: dict) -> tuple[dict | None, Path | None]:
-    """The checkpoint to resume from and its path ((None, None) for a fresh run), its weights put in `model`.
-
-    Before pruning and before the optimizer: the optimizer, schedule and generators follow
-    in `_resume`, once accelerate has prepared them.
-    """
-    remove_pruning(model)  # in case an interrupted fit left this model object pruned
+def load_resume_weights(model: nn.Module, out_dir: Path, config: TrainConfig,
+                        setup: dict) -> tuple[dict | None, Path | None]:
+    """The checkpoint to resume from and its path ((None, None) for a fresh run), its weights put in
+    `model` (before pruning, which then finds the saved zeros, and before the optimizer: the
+    optimizer, schedule and grad scaler follow in `resume`, once accelerate has prepared them)."""
     checkpoint, path = checkpoints.load_resume_checkpoint(out_dir)
     if checkpoint is not None:
         checkpoints.check_resumable(checkpoint, asdict(config), setup, path)
@@ -336,60 +320,27 @@ def _load_resume_weights(model: nn.Module, out_dir: Path, config: TrainConfig,
     return checkpoint, path
 
 
-def _resume(checkpoint: dict | None, path: Path | None, trainer: _Trainer, lr_multiplier) -> _RunRecord:
-    """A fresh record, or the checkpoint's, with its optimizer, schedule, scaler and generators restored."""
+def resume(checkpoint: dict | None, path: Path | None, optimizer, scheduler, accelerator: Accelerator,
+           epochs: int) -> RunRecord:
+    """A fresh record, or the checkpoint's, with its optimizer, schedule and grad scaler restored."""
     if checkpoint is None:
-        return _RunRecord()
-    checkpoints.restore_training_state(checkpoint, trainer.optimizer, trainer.scheduler, trainer.accelerator.scaler,
-                                       lr_multiplier)
-    record = _RunRecord(list(checkpoint["history"]), checkpoint["best_miou"], checkpoint["best_epoch"],
-                        checkpoint["skipped_steps"], start_epoch=checkpoint["epoch"] + 1)
-    epochs = trainer.config.epochs
+        return RunRecord()
+    checkpoints.restore_training_state(checkpoint, optimizer, scheduler, accelerator.scaler)
+    record = RunRecord(list(checkpoint["history"]), checkpoint["best_miou"], checkpoint["best_epoch"],
+                       checkpoint["skipped_steps"], start_epoch=checkpoint["epoch"] + 1)
     if record.start_epoch > epochs:
-        trainer.accelerator.print(f"{path} has finished {record.start_epoch - 1} epochs (of {epochs} asked); "
-                                  f"nothing to train")
+        accelerator.print(f"{path} has finished {record.start_epoch - 1} epochs (of {epochs} asked); nothing to train")
     else:
-        trainer.accelerator.print(f"resuming {path} at epoch {record.start_epoch}/{epochs}")
+        accelerator.print(f"resuming {path} at epoch {record.start_epoch}/{epochs}")
     return record
 
 
-def _train_epoch(trainer: _Trainer, epoch: int, skips: SkippedSteps, show_progress: bool) -> _TrainedEpoch:
-    """One pass over the train loader; no host sync per step (losses and verdicts are read every sync_every steps)."""
-    started = time.perf_counter()
-    config, accelerator, scheduler = trainer.config, trainer.accelerator, trainer.scheduler
-    trainer.model.train()
-    trainer.loaders.train.set_epoch(epoch)  # the epoch's sample order and the samples' seeds (EpochSampler)
-    seed_epoch(config.seed, epoch, accelerator.process_index)
-    stats = StepStats.zeros(accelerator.device)
-    skips.start_epoch()
-    bar = tqdm(trainer.loaders.train, desc=f"epoch {epoch}/{config.epochs}", leave=False, dynamic_ncols=True,
-               disable=not (show_progress and accelerator.is_main_process))
-    for step, (images, masks) in enumerate(bar):
-        if trainer.batch_transform is not None:
-            images, masks = trainer.batch_transform(images, masks)
-        images = images.contiguous(memory_format=trainer.memory_format)
-        with out_of_memory_advice(config, images, epoch, step, trainer.out_dir):
-            loss, verdict = guarded_step(trainer.model, trainer.optimizer, accelerator, images, masks, trainer.loss_fn,
-                                         trainer.step_loss, config.grad_clip)
-        scheduler.step()  # skipped steps too: the schedule counts batches, so it spans the same epochs
-        stats.add(loss, verdict, len(images))
-        skips.record(epoch, step, verdict)
-        if skips.due():
-            skips.read()  # warnings; TrainingDiverged
-            if not bar.disable:
-                bar.set_postfix(loss=f"{stats.mean_loss():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-    skips.read()
-    bar.close()
-    loss, images_seen = stats.totals(accelerator)  # a host read: the epoch's device work is done
-    return _TrainedEpoch(loss, images_seen, time.perf_counter() - started, skips.in_epoch, skips.overflows_in_epoch)
-
-
-def _share_process_0_buffers(trainer: _Trainer) -> None:
-    # DDP copies process 0's BatchNorm buffers at the start of each forward, so after the
-    # last step each process holds buffers updated from its own batch: take process 0's,
-    # so validation and the checkpoint see one model.
-    if trainer.accelerator.num_processes > 1:
-        for buffer in trainer.unwrapped.buffers():
+def share_process_0_buffers(model: nn.Module, accelerator: Accelerator) -> None:
+    """DDP copies process 0's BatchNorm buffers at the start of each forward, so after the last
+    step each process holds buffers updated from its own batch: take process 0's, so validation
+    and the checkpoint see one model."""
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
 
 
@@ -397,9 +348,9 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _history_row(epoch: int, train: _TrainedEpoch, val: dict, lr: float, started: float, backend: dict) -> dict:
+def history_row(epoch: int, train: TrainedEpoch, val: dict, lr: float, started: float, backend: dict) -> dict:
     """One epoch of history.json (NaN scores as null); `started` is when the epoch began, `backend`
-    how it trained (`backend_record`)."""
+    how it trained (`backend_record`). `RunRecord.add` adds the best epoch so far."""
     return {
         "epoch": epoch,
         "train_loss": _json_safe(train.loss),
@@ -415,38 +366,28 @@ def _history_row(epoch: int, train: _TrainedEpoch, val: dict, lr: float, started
     }
 
 
-def _save_epoch(trainer: _Trainer, record: _RunRecord, improved: bool, setup: dict, inference: dict | None) -> None:
-    """best.pt when `improved`, last.pt (the old one kept as previous.pt), history.json: on process 0,
-    every file replaced atomically."""
-    if not trainer.accelerator.is_main_process:
-        return
+def save_epoch(out_dir: Path, record: RunRecord, improved: bool, model: nn.Module, optimizer, scheduler, scaler,
+               config: TrainConfig, setup: dict, inference_record: dict | None) -> None:
+    """best.pt when `improved`, last.pt (the old one kept as previous.pt), history.json: every file
+    replaced atomically (process 0 only)."""
     state = checkpoints.checkpoint_state(
-        epoch=record.history[-1]["epoch"], model=trainer.unwrapped, spec=setup["spec"], optimizer=trainer.optimizer,
-        scheduler=trainer.scheduler, scaler=trainer.accelerator.scaler, best_miou=record.best_miou,
-        best_epoch=record.best_epoch, skipped_steps=record.skipped_steps, history=record.history,
-        config=asdict(trainer.config), setup=setup, inference=inference,
+        epoch=record.history[-1]["epoch"], model=model, spec=setup["spec"], optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, best_miou=record.best_miou, best_epoch=record.best_epoch, skipped_steps=record.skipped_steps,
+        history=record.history, config=asdict(config), setup=setup, inference=inference_record,
     )
     if improved:
-        checkpoints.save_checkpoint(state, trainer.out_dir / "best.pt")
-    checkpoints.save_checkpoint(state, trainer.out_dir / "last.pt", keep_previous=True)
-    write_json(trainer.out_dir / "history.json", record.history)
+        checkpoints.save_checkpoint(state, out_dir / "best.pt")
+    checkpoints.save_checkpoint(state, out_dir / "last.pt", keep_previous=True)
+    write_json(out_dir / "history.json", record.history)
 
 
-def _epoch_line(row: dict, epochs: int, train: _TrainedEpoch, val: dict, improved: bool) -> str:
+def epoch_line(row: dict, epochs: int, train: TrainedEpoch, val: dict, improved: bool) -> str:
     return (f"epoch {row['epoch']}/{epochs}  train_loss {train.loss:.4f}  val_loss {val['loss']:.4f}  "
             f"val_mIoU {val['miou']:.4f}  pixel_acc {val['pixel_acc']:.4f}  lr {row['lr']:.2e}  "
             f"{row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s" + ("  *best" if improved else "")
             + (f"  ({train.skipped} steps skipped" + (f", {train.overflows} of them fp16 overflows while the grad "
                                                         f"scaler calibrated" if train.overflows else "") + ")"
                if train.skipped else ""))
-
-
-def _release(trainer: _Trainer) -> None:
-    """Wherever fit ends, an exception included: a plain model handed back (no pruning hooks, no
-    autocast wrapper around its forward) and accelerate's references to it dropped."""
-    remove_pruning(trainer.unwrapped)
-    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    trainer.accelerator.free_memory()
 
 
 # ---------------------------------------------------------------------------- validation
@@ -467,21 +408,22 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn, accelerator: Acceler
                           autocast=accelerator.autocast)
 
 
-def launch(fn: Callable, args: tuple = (), num_processes: int | None = None):
-    """Run `fn(*args)` on every GPU from a notebook: accelerate's notebook_launcher when there
-    is more than one (e.g. Kaggle's two T4s), a plain call otherwise (returning its result).
+def launch(fn: Callable, *args, num_processes: int | None = None, **kwargs):
+    """Run `fn(*args, **kwargs)` on every GPU from a notebook: accelerate's notebook_launcher when
+    there is more than one (e.g. Kaggle's two T4s), a plain call otherwise (returning its result).
 
     notebook_launcher forks, and a forked process cannot use CUDA once its parent has
     initialised it: so with several processes, nothing in the notebook may touch CUDA before
     (no model or tensor moved to the GPU, no benchmark), and `fn` must return CPU-only data
-    (`training.train_teacher` returns the history, not the model), since each process's return
-    value is pickled back to the notebook and CUDA tensors would travel by CUDA IPC, initialising
-    CUDA there. When CUDA is already initialised, this refuses with what to do rather than
-    training on one GPU. Under the launcher `fn`'s return value is dropped: read results from
-    the run folder (history.json, best.pt).
+    (`train_teacher` returns the history, not the model), since each process's return value is
+    pickled back to the notebook and CUDA tensors would travel by CUDA IPC, initialising CUDA
+    there. When CUDA is already initialised, this refuses with what to do rather than training on
+    one GPU. Under the launcher `fn`'s return value is dropped: read results from the run folder
+    (history.json, best.pt). `num_processes` None: every visible GPU.
     """
     if num_processes is None:
         num_processes = torch.cuda.device_count()  # does not initialise CUDA
+    call = functools.partial(fn, **kwargs) if kwargs else fn
     if num_processes > 1:
         if torch.cuda.is_initialized():
             raise RuntimeError(
@@ -490,6 +432,6 @@ def launch(fn: Callable, args: tuple = (), num_processes: int | None = None):
                 f"run the cells in order (training before any cell that uses the GPU), or set num_processes=1"
             )
 
-        notebook_launcher(fn, args, num_processes=num_processes)
+        notebook_launcher(call, args, num_processes=num_processes)
         return None
-    return fn(*args)
+    return call(*args)

@@ -27,17 +27,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
 from .data import DataError, read_image, read_mask, write_image, write_raw_mask
 from .device import default_device, inference_autocast, model_device, on_device, synchronize
 from .ensemble import TestTimeAugmentation, upsampled_argmax
 from .files import write_json
 from .metrics import confusion_matrix, per_class, scores
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, frames_to_batch
 
 METRICS_VERSION = 1
 
@@ -137,33 +135,6 @@ def most_confused_pairs(cm, top: int = 5) -> list[dict]:
 # ------------------------------------------------------------------ the one prediction path
 
 
-def frames_to_batch(frames: Sequence, input_size, device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 RGB frames (H x W x 3 numpy arrays or tensors, any sizes) -> the model's input batch.
-
-    Each frame goes to `device` as uint8 (a quarter of float's bytes over PCIe), then is resized
-    there to `input_size` (height, width; antialiased bilinear, as `augment.eval_transform`
-    does) and normalised with `mean`/`std`. Frames of one size are resized as one batch.
-    """
-    height, width = (int(s) for s in input_size)
-    out = torch.empty(len(frames), 3, height, width, device=device)
-    by_size: dict[tuple, list[int]] = {}
-    for index, frame in enumerate(frames):
-        by_size.setdefault(tuple(frame.shape[:2]), []).append(index)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
-    for size, indices in by_size.items():
-        # np.require: PIL's arrays are read-only, which torch warns about (the stack copies anyway).
-        group = torch.stack([torch.as_tensor(np.require(frames[i], requirements=("C", "W"))) if isinstance(frames[i], np.ndarray)
-                             else torch.as_tensor(frames[i]) for i in indices])
-        if group.dtype != torch.uint8 or group.ndim != 4 or group.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 RGB (H, W, 3), got {tuple(group.shape[1:])} {group.dtype}")
-        group = group.to(device, non_blocking=True).permute(0, 3, 1, 2)
-        if size != (height, width):
-            group = TF.resize(group, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        out[indices] = (TF.to_dtype(group, torch.float32, scale=True) - mean_t) / std_t
-    return out
-
-
 class _Clock:
     """Adds the seconds of each stage to `timings` (when given); synchronises a GPU so work is counted
     where it runs, not where it was queued."""
@@ -188,7 +159,7 @@ def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequen
     """THE prediction path: class-index maps (uint8 numpy, one per image) from any predictor.
 
     `images`: uint8 RGB frames (a list of H x W x 3 arrays or tensors, sizes may differ), resized
-    and normalised on the device to `input_size` (`frames_to_batch`); or an already normalised
+    and normalised on the device to `input_size` (`preprocess.frames_to_batch`); or an already normalised
     float batch (N, 3, h, w), used as it is. Each label map comes back at its frame's own size
     (for a float batch: `sizes`, one (H, W) or one per image; default the batch's own size):
     the model's output is upsampled bilinearly before the argmax (`ensemble.upsampled_argmax`),

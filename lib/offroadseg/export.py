@@ -8,7 +8,7 @@ and the command line for exports.
 INT8 quantisation of such a file is `offroadseg.quantize.quantize_int8`.
 
 The ONNX graph takes "image" (N, 3, H, W), normalised like the PyTorch model's
-input (`offroadseg.augment`), and returns "logits" (N, 10, H, W). Batch,
+input (`offroadseg.preprocess`), and returns "logits" (N, 10, H, W). Batch,
 height and width are all dynamic: one file serves any batch size and input
 size the model itself accepts.
 
@@ -16,32 +16,23 @@ Exporter (`exporter=`), chosen from measurements with torch 2.14 / onnxscript 0.
 onnxruntime 1.32 on segformer-b0 and deeplabv3plus-resnet18 (the figures are in
 bench/RESULTS.md, "Figures moved from docstrings"):
 
-- "torchscript" (`torch.onnx.export(..., dynamo=False)`), the default: exports
-  either model quickly, with dynamic batch, height and width, opset 17, one
-  self-contained file; onnxruntime reproduces the logits to float rounding. Its
-  trace warnings concern Python-level checks that are constant for
-  every input the models accept (our forward's "are the logits already at the
-  input size?", which is never true because both decoders work at stride 4,
-  and transformers' `is_causal = q_length > 1`, never causal for an encoder),
-  so they are silenced. The TorchScript exporter is deprecated since torch 2.9
-  but present in every release we support (2.11 and later so far).
-- "dynamo" (`torch.export`-based): also exact, but an order of magnitude slower to
-  export SegFormer, needs opset 18 (onnx's version converter fails to take DeepLab's
-  graph down to 17),
-  and `torch.export` turns a dimension whose example size is 1 into a constant,
-  so the example batch here is 2. Use it if a future torch drops the
-  TorchScript exporter. It needs torch 2.11 or newer (`DYNAMO_MIN_TORCH`, the
-  oldest release it was tested on): on torch 2.6 `torch.export` cannot keep
-  height and width dynamic for these models ("Constraints violated (height,
-  width)") and the fallback's graph fails to serialise (onnxscript 0.2/0.3), so
-  an older torch gets a clear error up front instead.
+- "torchscript" (`torch.onnx.export(..., dynamo=False)`), the default: quick for either model,
+  dynamic batch, height and width, opset 17, one self-contained file; onnxruntime reproduces the
+  logits to float rounding. Its trace warnings are silenced: they concern Python checks constant
+  for every input the models accept (our "are the logits already at the input size?", never true
+  as both decoders work at stride 4; transformers' `is_causal = q_length > 1`, never causal for an
+  encoder). Deprecated since torch 2.9, present in every release we support (2.11 and later).
+- "dynamo" (`torch.export`-based): also exact, an order of magnitude slower to export SegFormer,
+  needs opset 18 (onnx's version converter cannot take DeepLab's graph to 17), and turns a
+  dimension whose example size is 1 into a constant, so the example batch is 2. Use it if a
+  future torch drops the TorchScript exporter. It needs torch 2.11 or newer (`DYNAMO_MIN_TORCH`):
+  on torch 2.6 height and width cannot stay dynamic ("Constraints violated (height, width)") and
+  the fallback's graph fails to serialise, so an older torch gets a clear error up front.
 
 Command line: `python -m offroadseg.export hf RUN_OR_CKPT DIR [--model NAME]` writes a SegFormer in
 Hugging Face format (`offroadseg.hf_export`, where the details are); exit status 0 when written, 2
-when the source cannot be exported (said in one line, with what to use instead).
-
-Timing here is per ONNX session only (`onnx_latency`); timing of arbitrary
-callables lives in `offroadseg.benchmark`.
+when the source cannot be exported (said in one line, with what to use instead). Timing here is
+per ONNX session only (`onnx_latency`); timing of any callable lives in `offroadseg.benchmark`.
 """
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def to_hf_model(model, info: dict) -> SegformerForSemanticSegmentation:
 
 
 def image_processor(info: dict) -> SegformerImageProcessor:
-    """The processor that prepares an image as the project does (`evaluate.frames_to_batch`): resize to
+    """The processor that prepares an image as the project does (`preprocess.frames_to_batch`): resize to
     the model's input size (bilinear, antialiased), scale to [0, 1], normalise with the record's mean/std."""
     height, width = info["input_size"]
     return SegformerImageProcessor(do_resize=True, size={"height": int(height), "width": int(width)},

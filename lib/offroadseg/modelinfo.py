@@ -29,9 +29,9 @@ from typing import Sequence
 
 import onnx
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoints import load_checkpoint
 from .classes import CLASS_NAMES, COLORS, RAW_IDS
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 INFO_FORMAT = 1
 # The key under which the record sits: a checkpoint dict entry and an ONNX metadata_props key.

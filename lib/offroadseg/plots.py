@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch
 
+from .checkpoints import best_row
 from .classes import CLASS_NAMES, IGNORE_INDEX, PALETTE
 from .files import write_bytes
 
@@ -103,7 +104,7 @@ def training_curves(history: list[dict], title: str = ""):
     loss_ax.legend()
     loss_ax.set_title("loss")
     miou_ax.plot(epochs, [h["val_miou"] for h in history], marker="o", color="tab:green")
-    best = max(history, key=lambda h: h["val_miou"])
+    best = best_row(history)  # the epoch best.pt holds
     miou_ax.scatter([best["epoch"]], [best["val_miou"]], s=120, facecolors="none", edgecolors="red", label=f"best {best['val_miou']:.3f}")
     miou_ax.set_xlabel("epoch")
     miou_ax.set_ylabel("val mIoU")

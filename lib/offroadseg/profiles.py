@@ -27,6 +27,40 @@ class ModelPlan:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """How the student learns from the ensemble (`distill.DistillationLoss`, notebook 05):
+
+    loss = alpha * hard + (1 - alpha) * T^2 * KL(student/T || ensemble/T) + beta * feature matching,
+    the hard term being the teachers' loss on the ground truth; beta 0 turns feature matching off.
+    """
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    beta: float = 0.5
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """How the student adapts to a new desert (notebook 05's `adapt*` parameters, `chapters.new_desert`).
+
+    `images`: "auto" (the demo desert's adaptation split on the demo desert, else off), "demo", a
+    folder of unlabelled images, or "none" (off). `holdout`: a folder of labelled images of the new
+    desert that chooses the adapted student's epoch (None: on the demo, its novel_val split).
+    `min_accuracy`: the confidence rule keeps the lowest threshold whose kept val pixels are this
+    often right; `threshold` forces one instead. `epochs`: the fine-tune's epochs (None: `epoch_share`
+    of the student's, at least 1), after `warmup_epochs` of warm-up (it starts from trained weights).
+    """
+
+    images: str = "auto"
+    holdout: str | None = None
+    min_accuracy: float = 0.95
+    threshold: float | None = None
+    epochs: int | None = None
+    epoch_share: float = 0.25
+    warmup_epochs: float = 0.1
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     image_size: tuple[int, int]  # (height, width) the models see
@@ -37,6 +71,8 @@ class Profile:
     prune_decoder: float = 0.0  # fraction of decoder weights L1-pruned (reference report: 0.2)
     workers: int = 2  # DataLoader worker processes
     seed: int = 0
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +113,19 @@ FULL = Profile(
     workers=8,
 )
 
+# Every profile, by the name --profile and the notebooks' `profile` parameter take: listed here only.
 PROFILES = {"demo": DEMO, "full": FULL}
+
+
+def with_settings(config, **settings):
+    """`config` (a ModelPlan, DistillConfig or AdaptConfig) with the settings that are not None: a
+    notebook parameter left at None keeps the profile's value. Unknown names are a ValueError."""
+    given = {name: value for name, value in settings.items() if value is not None}
+    unknown = set(given) - set(config.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)} for {type(config).__name__}; "
+                         f"valid: {sorted(config.__dataclass_fields__)}")
+    return replace(config, **given)
 
 
 def get_profile(name: str) -> Profile:

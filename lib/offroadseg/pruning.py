@@ -12,9 +12,14 @@ How the pieces fit:
   the zeros are permanent and any fresh model loads the file with `load_state_dict`.
 - Pruning a loaded model again by the same amount finds the same mask (its zeros are the
   smallest magnitudes), which is how a resumed run carries on with the same mask.
+- Training uses it as one hook, `pruned_decoder(model, amount)`: pruned for the block (after
+  the resumed weights are loaded, before the optimizer is built on `weight_orig`), permanent and
+  hook-free again however the block ends.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 from torch.nn.utils import prune
@@ -77,3 +82,17 @@ def folded_state_dict(model: nn.Module) -> dict:
             continue
         folded[key] = value.detach().to("cpu", copy=True)
     return folded
+
+
+@contextlib.contextmanager
+def pruned_decoder(model: nn.Module, amount: float):
+    """`model`'s decoder pruned by `amount` for the block (nothing when 0), then made permanent with
+    no hooks left, also when the block raises. A pruning an interrupted earlier block left on the
+    same model object is folded first."""
+    remove_pruning(model)
+    if amount > 0:
+        prune_decoder(model, amount)
+    try:
+        yield model
+    finally:
+        remove_pruning(model)

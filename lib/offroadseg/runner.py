@@ -1,10 +1,17 @@
-"""Headless notebook runner behind ./run_all.sh: papermill, one line per notebook.
+"""./run_all.sh: the notebooks headless (papermill), the test suite, or JupyterLab.
 
-    python -m offroadseg.runner [--profile demo|full] [--run NAME] [--data PATH] [--only 01,02]
-                                [--set NAME=VALUE]... [--weights DIR] [--cwd DIR]
+    ./run_all.sh [--data PATH] [--profile NAME] [--run NAME] [--only 01,02]
+                 [--set NAME=VALUE]... [--weights DIR]
+    ./run_all.sh --test        lint, the fast unit tests, then the slow ones and pytest --nbval
+    ./run_all.sh --lab         JupyterLab on working copies of the notebooks (lab/, not notebooks/)
+
+run_all.sh sets up .venv and checks the GPU, then hands its options to this runner
+(`python -m offroadseg.runner`, which an environment of your own, such as Kaggle's, calls directly).
+Without --data the demo desert is made first (data/demo_desert; at once when it is there).
 
 Executed copies go to outputs/<run>/notebooks/. A failing notebook stops the run: its name,
 the last lines it printed and the failing cell's error are printed, and the exit code is 1.
+Mistakes on the command line exit 2, saying what to do.
 
 Parameters: `--set NAME=VALUE` (repeatable) sets that papermill parameter on every selected
 notebook that defines it; VALUE is read as JSON, else as a Python literal, else kept as a
@@ -28,29 +35,29 @@ run and reuse or resume what is finished, each saying so.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import json
 import os
-import re
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import nbformat
 import papermill as pm
 from filelock import FileLock, Timeout
 from papermill.exceptions import PapermillExecutionError
 
-from .data import DataError, find_dataset
+from .chapters.context import DEMO_DATA, RunMismatch, check_same_run, data_root_of
+from .cli import RESERVED, UsageError, add_common_options, resolve_common
 from .files import write_bytes
-from .pipeline import RunMismatch, check_same_run, data_root_of
+from .profiles import DEMO
 from .runs import LOCK_FILE, LOCK_HOLDER_FILE, now, project_root, run_dir, snapshot
+from .synth import make_demo_desert
 
 NOTEBOOKS = ("01_data_scan", "02_train_segformer", "03_train_deeplab", "04_ensemble", "05_distill", "06_evaluate")
-# Set by the runner's own options, never through --set.
-RESERVED = {"run": "--run", "profile": "--profile", "data": "--data", "weights": "--weights"}
 # How much of what a failing notebook printed is shown headless.
 FAILURE_TAIL_LINES = 15
 FAILURE_MESSAGE_CHARS = 2500
@@ -69,52 +76,12 @@ def select_notebooks(only: str | None, folder: Path) -> list[Path]:
         matches = [p for p in available if p.stem == w or p.stem.startswith(w.zfill(2) + "_")]
         if not matches:
             names = ", ".join(p.stem for p in available)
-            raise SystemExit(f"--only {only}: no notebook matches '{w}' (available: {names})")
+            raise UsageError(f"--only {only}: no notebook matches '{w}' (available: {names})")
         chosen.extend(m for m in matches if m not in chosen)
     return sorted(chosen)
 
 
 # ----------------------------------------------------------------------------- parameters
-
-
-def parse_value(text: str):
-    """A --set VALUE: JSON (true, null, [512, 512]), else a Python literal (True, None, (1, 2)), else the string."""
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-    return text
-
-
-def parse_sets(items: list[str] | None) -> dict:
-    """{name: value} from --set NAME=VALUE items (the last of a repeated name wins)."""
-    values = {}
-    for item in items or []:
-        name, sep, text = item.partition("=")
-        name = name.strip()
-        if not sep or not name.isidentifier():
-            raise SystemExit(f"--set {item!r}: expected NAME=VALUE, e.g. --set epochs=1 or --set 'image_size=[512, 512]'")
-        if name in RESERVED:
-            raise SystemExit(f"--set {name}=...: use the option {RESERVED[name]} instead")
-        values[name] = parse_value(text)
-    return values
-
-
-def resolve_path_value(value, cwd: Path):
-    """A string value that names a path relative to `cwd` becomes absolute (notebooks run in notebooks/,
-    so a relative path would otherwise resolve from there). Strings that name no existing path and do
-    not start like one (`./`, `../`, `~`) stay as they are: hub ids such as nvidia/mit-b2, names."""
-    if not isinstance(value, str) or not value or "\n" in value:
-        return value
-    if value.startswith("~"):
-        return str(Path(value).expanduser().resolve())
-    path = Path(value)
-    if path.is_absolute():
-        return value
-    if value.startswith(("./", "../")) or (cwd / path).exists():
-        return str((cwd / path).resolve())
-    return value
 
 
 def notebook_parameters(notebook: Path) -> set[str]:
@@ -130,24 +97,13 @@ def assign_parameters(notebooks: list[Path], common: dict, sets: dict) -> dict[P
     unknown = sorted(set(sets) - known)
     if unknown:
         valid = ", ".join(sorted(known - set(RESERVED)))
-        raise SystemExit(f"--set {', '.join(unknown)}: no selected notebook has such a parameter; "
+        raise UsageError(f"--set {', '.join(unknown)}: no selected notebook has such a parameter; "
                          f"valid names for {', '.join(n.stem[:2] for n in notebooks)}: {valid}")
     return {notebook: {k: v for k, v in {**common, **sets}.items() if k in names or k in ("run", "profile")}
             for notebook, names in defined.items()}
 
 
 # ----------------------------------------------------------------------------- run folders
-
-
-def default_run_name(profile: str, dataset) -> str:
-    """`<profile>-<dataset name>`: the dataset named by the folder that holds all its splits
-    (Kaggle's dataset folder, the folder the archives were unzipped into)."""
-    folders = [str(folder) for folder in dataset.split_dirs.values()]
-    common = Path(os.path.commonpath(folders)) if folders else Path(dataset.root)
-    if str(common) in folders:  # a single split: name it by the folder above
-        common = common.parent
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", common.name or "data").strip("-.")[:40] or "data"
-    return f"{profile}-{name}"
 
 
 class RunLock:
@@ -278,58 +234,131 @@ def _execute(notebooks: list[Path], per_notebook: dict[Path, dict], out_dir: Pat
     return 0
 
 
+# ----------------------------------------------------------------------------- the modes
+
+
+def make_demo_data(root: Path) -> None:
+    """The demo desert under data/demo_desert, for a run without --data and for the test suite
+    (deterministic; returns at once when the folder already holds this desert)."""
+    made = make_demo_desert(root / DEMO_DATA)
+    print(f"data: demo desert in {DEMO_DATA}: {made['counts']}", "(made now)" if made["generated"] else "(already there)",
+          flush=True)
+
+
+def suite_tiers() -> list[tuple[str, list[str], str | None]]:
+    """The test suite's three tiers as (what, command, advice on failure), quickest first, so a fault
+    shows in seconds rather than after the notebooks: lint (ruff, configured in pyproject.toml), the
+    fast unit tests, then the slow tests and the notebooks under nbval (its options live in
+    pyproject.toml, [tool.pytest.ini_options])."""
+    python = sys.executable  # the tools of this environment (run_all.sh: .venv), whatever PATH holds
+    return [
+        ("lint (ruff check .)", [python, "-m", "ruff", "check", "."],
+         "lint failed: 'ruff check . --fix' repairs the import order and unused imports; fix the rest by hand"),
+        ("fast unit tests (pytest -m 'not slow' tests)", [python, "-m", "pytest", "-m", "not slow", "tests"], None),
+        ("slow tests and the notebooks (pytest --nbval -m slow tests notebooks)",
+         [python, "-m", "pytest", "--nbval", "-m", "slow", "tests", "notebooks"], None),
+    ]
+
+
+def warn_if_notebooks_edited(root: Path) -> None:
+    """nbval compares the notebooks against their stored outputs: say so when notebooks/ differs
+    from git (saved from a UI?), and how to see and undo it."""
+    if shutil.which("git") is None or not (root / ".git").exists():  # .git: a folder, or a file in a worktree
+        return
+    if subprocess.run(["git", "diff", "--quiet", "--", "notebooks/"], cwd=root, capture_output=True).returncode == 1:
+        print("warning: notebooks/ differs from the committed version (saved from a UI?): nbval compares against "
+              "these edited outputs. 'git diff --stat notebooks/' shows what; 'git checkout notebooks/' restores them.",
+              file=sys.stderr, flush=True)
+
+
+def run_tests(root: Path) -> int:
+    """`--test`: the three tiers in order, each a process of its own in the project root; stops at
+    the first that fails, with its exit status (2 for lint, with the advice)."""
+    warn_if_notebooks_edited(root)
+    for what, command, advice in suite_tiers():
+        print(f"test: {what}", flush=True)
+        code = subprocess.run(command, cwd=root).returncode
+        if code != 0:
+            if advice:
+                print(advice, file=sys.stderr)
+                return 2
+            return code
+    return 0
+
+
+def run_lab(root: Path) -> NoReturn:
+    """`--lab`: JupyterLab on working copies in lab/. Saving a notebook in the UI changes lab/, never
+    the stored notebooks/ that `--test` compares against. Existing copies are kept (they are your work)."""
+    lab = root / "lab"
+    lab.mkdir(exist_ok=True)
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+        if not (lab / notebook.name).exists():
+            shutil.copyfile(notebook, lab / notebook.name)
+    print("JupyterLab on lab/ (working copies of notebooks/; delete a copy to get the stored one back)", flush=True)
+    command = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={lab}"]
+    os.execv(command[0], command)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+# run_all.sh sets it to its own name, so usage and errors name the command the user typed.
+PROG_ENV = "OFFROADSEG_PROG"
+# The options that choose what the notebooks run on (argparse dest -> option), refused by the other modes.
+NOTEBOOK_OPTIONS = {"profile": "--profile", "run": "--run", "data": "--data", "sets": "--set", "weights": "--weights",
+                    "only": "--only"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=os.environ.get(PROG_ENV) or "python -m offroadseg.runner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_options(parser)
+    parser.add_argument("--only", default=None, metavar="01,02", help="some notebooks, a comma list (default: all)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--test", action="store_true",
+                      help="the test suite instead: lint, the fast unit tests, then the slow ones and pytest --nbval")
+    mode.add_argument("--lab", action="store_true",
+                      help="JupyterLab instead, on working copies of the notebooks in lab/ (existing copies are kept)")
+    mode.add_argument("--store", action="store_true",
+                      help="developers: execute notebooks/ in place with their defaults (refreshes the stored demo outputs)")
+    return parser
+
+
+def refuse_notebook_options(parser: argparse.ArgumentParser, args: argparse.Namespace, why: str, allowed=()) -> None:
+    """The modes other than a run take none of the options that choose what the notebooks run on."""
+    given = [option for dest, option in NOTEBOOK_OPTIONS.items()
+             if dest not in allowed and getattr(args, dest) != parser.get_default(dest)]
+    if given:
+        parser.error(f"{why}: drop {', '.join(given)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default=None,
-                        help="run folder name under outputs/ (default: the profile name, or <profile>-<dataset> with --data)")
-    parser.add_argument("--profile", default="demo", choices=("demo", "full"))
-    parser.add_argument("--data", default=None, help="dataset root (default: the generated demo desert)")
-    parser.add_argument("--only", default=None, help="comma list of notebooks, e.g. 01,02")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
-                        help="a notebook parameter (repeatable), e.g. --set epochs=1 --set 'image_size=[512, 512]'")
-    parser.add_argument("--weights", default=None, help="folder of pretrained weights (python -m offroadseg.weights download)")
-    parser.add_argument("--cwd", default=None, help="directory relative paths resolve from (default: the current one)")
-    parser.add_argument("--store", action="store_true",
-                        help="developers: execute notebooks/ in place with their defaults (refreshes the stored demo outputs)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     root = project_root()
-    cwd = Path(args.cwd or os.getcwd()).resolve()
-    notebooks = select_notebooks(args.only, root / "notebooks")
-    if not notebooks:
-        print("no notebooks found under notebooks/", file=sys.stderr)
-        return 1
-    if args.store:
-        if args.run or args.data or args.profile != "demo" or args.sets or args.weights:
-            parser.error("--store runs the notebooks with their own defaults: drop --run, --data, --profile, --set and --weights")
-        return run_notebooks(notebooks, "demo", "demo", None, None)
-    sets = {name: resolve_path_value(value, cwd) for name, value in parse_sets(args.sets).items()}
-    data = weights = None
-    run = args.run
-    if args.data:
-        data = str((cwd / Path(args.data).expanduser()).resolve())
-        try:
-            dataset = find_dataset(data)
-        except DataError as err:  # checked before any run folder: the real problem, not a folder clash
-            print(f"data: {err}", file=sys.stderr)
-            return 2
-        print(f"data: {data}\n{dataset.describe()}", flush=True)
-        if run is None:
-            run = default_run_name(args.profile, dataset)
-            print(f"run: {run} (named after the profile and the dataset; --run NAME chooses another)", flush=True)
-    if args.weights:
-        weights = (cwd / Path(args.weights).expanduser()).resolve()
-        if not weights.is_dir():
-            print(f"--weights {args.weights}: no such folder ({weights}); make it with "
-                  f"`python -m offroadseg.weights download --profile {args.profile} --to weights/`", file=sys.stderr)
-            return 2
-        weights = str(weights)
-    run = run or args.profile
+    if args.test:
+        refuse_notebook_options(parser, args, "--test runs the test suite, the notebooks with their stored defaults")
+        make_demo_data(root)
+        return run_tests(root)
+    if args.lab:
+        refuse_notebook_options(parser, args, "--lab opens the notebooks (in each, its parameters cell sets data, run and profile)")
+        run_lab(root)
     try:
-        run_dir(run, root)
-    except ValueError as err:
-        print(f"--run: {err}", file=sys.stderr)
+        notebooks = select_notebooks(args.only, root / "notebooks")
+        if not notebooks:
+            print("no notebooks found under notebooks/", file=sys.stderr)
+            return 1
+        if args.store:
+            refuse_notebook_options(parser, args, "--store runs the notebooks with their own defaults", allowed=("only",))
+            make_demo_data(root)
+            return run_notebooks(notebooks, DEMO.name, DEMO.name, None, None)
+        options = resolve_common(args, root)
+        if options.data is None:
+            make_demo_data(root)
+        return run_notebooks(notebooks, options.run, options.profile, options.data,
+                             run_dir(options.run, root).dir / "notebooks", options.sets, options.weights)
+    except UsageError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
         return 2
-    return run_notebooks(notebooks, run, args.profile, data, run_dir(run, root).dir / "notebooks", sets, weights)
 
 
 if __name__ == "__main__":

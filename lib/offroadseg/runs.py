@@ -22,6 +22,8 @@ from pathlib import Path
 from .files import read_json, write_json
 
 PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "numpy", "pillow", "matplotlib")
+# The student adapted to a new desert (notebook 05's `adapt`): models/<this>/, beside models/student/.
+ADAPTED_STUDENT = "student_adapted"
 # Held by the runner working on a run folder (`runner.RunLock`), and who that runner is.
 LOCK_FILE = "lock"
 LOCK_HOLDER_FILE = "lock.holder"
@@ -94,8 +96,37 @@ class Run:
     def ensemble(self) -> Path:
         return self.dir / "ensemble.json"
 
+    @property
+    def metrics(self) -> Path:
+        """metrics.json: notebook 06's comparison of every model."""
+        return self.dir / "metrics.json"
+
+    @property
+    def exports(self) -> Path:
+        """exports/: the student as ONNX (fp32 and INT8), notebook 06."""
+        return self.dir / "exports"
+
+    @property
+    def test_predictions(self) -> Path:
+        """predictions/test/: notebook 06's predictions of the test split (raw IDs and colour)."""
+        return self.dir / "predictions" / "test"
+
+    @property
+    def adaptation_record(self) -> Path:
+        """models/student_adapted/adaptation.json: which images the adapted student learnt from and chose on."""
+        return self.model_dir(ADAPTED_STUDENT) / "adaptation.json"
+
     def model_dir(self, name: str) -> Path:
+        """models/<name>/: a model's checkpoints and history (segformer, deeplab, student, student_adapted)."""
         return self.dir / "models" / name
+
+    def checkpoint(self, model: str, which: str = "best") -> Path:
+        """models/<model>/<which>.pt: "best" (the epoch of the best val mIoU) or "last" (where a resume starts)."""
+        return self.model_dir(model) / f"{which}.pt"
+
+    def history(self, model: str) -> Path:
+        """models/<model>/history.json: one row per epoch, the best epoch marked (`checkpoints.best_row`)."""
+        return self.model_dir(model) / "history.json"
 
     def figure(self, name: str) -> Path:
         return self.figures / name
@@ -103,10 +134,12 @@ class Run:
     def read_manifest(self) -> dict:
         return read_json(self.manifest) if self.manifest.exists() else {}
 
-    def require(self, relative: str) -> Path:
-        """The path of an earlier notebook's artifact in this run; a clear error naming that notebook if absent."""
-        path = self.dir / relative
+    def require(self, path: str | os.PathLike) -> Path:
+        """`path` (relative to the run folder, or one of the paths below) when it exists; else a clear
+        error naming the notebook that writes it (`PRODUCERS`)."""
+        path = self.dir / path
         if not path.exists():
+            relative = path.relative_to(self.dir).as_posix() if path.is_relative_to(self.dir) else str(path)
             raise FileNotFoundError(f"{path} not found: {self.run_first(relative)}")
         return path
 

@@ -13,6 +13,9 @@ steps meanwhile are normal (torch's AMP documentation says so). Only an overflow
 1, where the gradients are non-finite however small the scaling, counts toward the stop. Running out of memory stops it with a message suggesting a
 smaller batch or input size (`out_of_memory_advice`). Either way last.pt holds the last finished epoch.
 
+How the steps run on the device lives here too: torch's global settings for the epochs
+(`training_backends`), the memory layout (`memory_format`) and the record of both (`backend_record`).
+
 `config` below is the run's `engine.TrainConfig`, read for its settings (engine imports this
 module, so this one does not import engine).
 """
@@ -30,6 +33,59 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
+
+from .device import device_name, tensor_cores
+
+# ------------------------------------------------------------------ how the steps run on the device
+
+
+@contextlib.contextmanager
+def training_backends(device: torch.device):
+    """torch's global settings for fixed-size training on `device`, for the block, then as they were.
+
+    On CUDA: cudnn.benchmark (times the convolution algorithms once per input shape and keeps the
+    fastest: a win when every batch has the training size, for a few slow first steps) and
+    TF32 matrix products for what runs in fp32 (`set_float32_matmul_precision("high")`: the loss,
+    fp32 runs; Ampere and newer). Nothing changes on a CPU.
+    """
+    benchmark, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    try:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        torch.set_float32_matmul_precision(matmul)
+
+
+def memory_format(config, device: torch.device) -> torch.memory_format:
+    """channels_last where it pays, on GPUs with tensor cores (compute 7.0 and up), unless the config says."""
+    channels_last = tensor_cores(device) if config.channels_last is None else config.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def backend_record(accelerator: Accelerator, config, memory: torch.memory_format, workers: int) -> dict:
+    """How this process trains, as history.json's rows and run.json record it (an epoch resumed on
+    another machine may differ): device, precision, layout, loader workers, processes."""
+    return {"device": device_name(accelerator.device), "processes": accelerator.num_processes,
+            "precision": {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision),
+            "channels_last": memory == torch.channels_last, "loader_workers": workers,
+            "persistent_workers": workers > 0, "compile": config.compile,
+            "cudnn_benchmark": accelerator.device.type == "cuda", "tf32_matmul": accelerator.device.type == "cuda"}
+
+
+def backend_line(backend: dict) -> str:
+    """The backend record as the one line fit prints before training."""
+    processes = f" x {backend['processes']} processes" if backend["processes"] > 1 else ""
+    settings = [backend["precision"], "channels_last" if backend["channels_last"] else "contiguous (NCHW)",
+                f"{backend['loader_workers']} loader workers per loader" + (" (persistent)" if backend["persistent_workers"]
+                                                                             else "")]
+    settings += [name for name in ("compile", "cudnn_benchmark", "tf32_matmul") if backend[name]]
+    return f"training on {backend['device']}{processes}: {', '.join(settings)}"
+
+
+# ------------------------------------------------------------------ the guarded step
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,14 +140,26 @@ def guarded_step(model: nn.Module, optimizer, accelerator: Accelerator, images: 
     else:
         bad_gradients = torch.tensor(BAD_GRADIENTS, device=loss.device)
     verdict = torch.where(loss_ok, torch.where(torch.isfinite(grad_norm), STEP_APPLIED, bad_gradients), BAD_LOSS)
-    inner.found_inf = (verdict != STEP_APPLIED).float()
-    try:
-        inner.step()
-    finally:
-        del inner.found_inf
+    step_unless(inner, verdict != STEP_APPLIED)
     if scaler is not None:
         scaler.update()
     return loss.detach(), verdict
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, dropped on the device where `skip` (a 0-dim bool device tensor) is true:
+    parameters, moments and step counts stay as they were, and the host never reads `skip`.
+
+    torch has no public API for this. Its fused AdamW kernel takes a `found_inf` input, which
+    torch's own GradScaler.step passes by setting the optimizer attribute of that name for the
+    call; this does the same for every step, with or without a scaler. The one place that touches
+    it, pinned by tests/test_train_step.py::test_a_skipped_step_leaves_the_fused_adamw_as_it_was.
+    """
+    optimizer.found_inf = skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 @dataclass

@@ -36,12 +36,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .augment import denormalize
 from .classes import CLASS_NAMES
 from .device import on_device
 from .evaluate import predict_labels
 from .files import write_bytes
 from .plots import legend_handles, overlay
+from .preprocess import denormalize
 
 MEASURES = ("entropy", "margin")
 # The CSV's fixed columns, then one "share:<class>" column per class.

@@ -32,10 +32,10 @@ import av
 import numpy as np
 from tqdm.auto import tqdm
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .classes import NUM_CLASSES
 from .evaluate import predict_labels, write_prediction
 from .plots import overlay
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 # Per container (by extension): its FFmpeg muxer and the encoders to try, in order.
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".webm": "webm"}

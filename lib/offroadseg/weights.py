@@ -16,7 +16,7 @@ Write it on a machine with internet, then copy it (or upload it as a Kaggle data
     python -m offroadseg.weights download --model segformer-b1 --pretrained nvidia/mit-b1 --to weights/
 
 and point the pipeline at it: `./run_all.sh --weights weights/` (the notebooks' `weights`
-parameter, `training.model_plan(..., weights_dir=...)`). With a folder given, a plan's hub id or
+parameter, `chapters.assembly.model_plan(..., weights_dir=...)`). With a folder given, a plan's hub id or
 torchvision weights name resolves to its entry there and the hub is never asked; a missing entry
 is an error naming the file expected and the command that writes it. Without one, nothing changes:
 `pretrained` goes to `models.build_model` as it is (hub cache, then the hub).
@@ -218,7 +218,15 @@ def main(argv=None) -> int:
         wanted.append(entry)
     if args.profile is not None or args.model is None:
         wanted += [e for e in entries(get_profile(args.profile or "full")) if e.name not in {w.name for w in wanted}]
-    for path in download(wanted, args.to):
+    try:
+        paths = download(wanted, args.to)
+    except OSError as error:  # offline, a proxy, a hub outage: say it in one line, with the way round it
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"python -m offroadseg.weights: could not fetch into {args.to}: {reason}\n"
+              "This command needs internet: run it on a machine that has it, carry the folder, and give it "
+              "with --weights DIR (what was complete is kept; run it again to fetch the rest)", file=sys.stderr)
+        return 1
+    for path in paths:
         print(path)
     return 0
 

@@ -1,7 +1,7 @@
 """What every notebook does first and last: resolve the run, profile and data; record run.json.
 
-Notebooks stay thin: a `parameters` cell, then `ctx = pipeline.start(...)`,
-library calls, plots, and `pipeline.finish(ctx)`.
+Notebooks stay thin: a `parameters` cell, then `ctx = context.start(...)`,
+library calls, plots, and `context.finish(ctx)` (or a chapter's own `finish`).
 
 `start` also refuses stage mistakes that would silently mix two runs in one folder: a
 run made with another profile or on other data (run.json says which), or data that
@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import find_dataset
-from .files import read_json
-from .profiles import Profile, get_profile
-from .runs import PRODUCERS, Run, project_root, record_step, run_dir
-from .scan import data_fingerprint
-from .synth import is_demo_desert, make_demo_desert
+from ..data import find_dataset
+from ..files import read_json
+from ..profiles import Profile, get_profile
+from ..runs import PRODUCERS, Run, project_root, record_step, run_dir
+from ..scan import data_fingerprint
+from ..synth import is_demo_desert, make_demo_desert
 
 DEMO_DATA = "data/demo_desert"
 # The test suite sets this so `pytest --nbval` never touches a user's run folders.

@@ -1,13 +1,16 @@
-"""Notebook 06's chapters in offroadseg.report: the test split, the exported student, metrics.json."""
+"""Notebook 06's chapter (offroadseg.chapters.evaluation): the comparison, the test split, the exported student, metrics.json."""
 
 import pytest
 import torch
-from test_training import SIZE, start, tiny_checkpoint
+from chapter_helpers import SIZE, loader_of, start, tiny_checkpoint, trained_run
 
-from offroadseg import evaluate, modelinfo, report, training
+from offroadseg import benchmark, evaluate, modelinfo
+from offroadseg.chapters import assembly, evaluation
 from offroadseg.checkpoints import load_model
 from offroadseg.classes import CLASS_NAMES
 from offroadseg.data import read_mask
+from offroadseg.dataset import eval_loader
+from offroadseg.evaluate import evaluate_model
 from offroadseg.files import read_json, write_json
 from offroadseg.metrics import confusion_matrix, scores
 
@@ -24,7 +27,7 @@ def test_test_split_writes_predictions_and_scores_the_split_that_has_masks(proje
     ctx = start(project, "06_evaluate")
     scan = read_json(ctx.run.scan)
     student = student_of(ctx)
-    test = report.test_split(ctx, scan, student, device="cpu", batch_size=2)
+    test = evaluation.test_split(ctx, scan, student, device="cpu", batch_size=2)
     assert [pair[0].name for pair in test["pairs"]] == ["test000.png"]
     assert [path.name for path in test["written"]] == ["test000.png"] and test["valid"]
     assert test["written"][0].parent == ctx.run.dir / "predictions" / "test" / "raw"
@@ -34,14 +37,14 @@ def test_test_split_writes_predictions_and_scores_the_split_that_has_masks(proje
     assert test["result"]["miou"] == pytest.approx(scores(confusion_matrix(labels, truth))["miou"], abs=0.02)
 
     scan["splits"]["test"]["present"] = False  # no test split: nothing written, nothing scored
-    empty = report.test_split(ctx, scan, student, device="cpu")
+    empty = evaluation.test_split(ctx, scan, student, device="cpu")
     assert empty["pairs"] == [] and empty["written"] == [] and empty["valid"] and empty["result"] is None
 
 
 def test_export_student_writes_onnx_and_int8_with_the_checkpoints_record(project):
     ctx = start(project, "06_evaluate")
     scan = read_json(ctx.run.scan)
-    exported = report.export_student(ctx, scan, student_of(ctx), flips=("h",), batch_size=2)
+    exported = evaluation.export_student(ctx, scan, student_of(ctx), flips=("h",), batch_size=2)
     record = exported["record"]
     assert record["onnx"] == "exports/student.onnx" and (ctx.run.dir / record["onnx"]).is_file()
     assert (ctx.run.dir / "exports" / "student_int8.onnx").is_file()
@@ -58,13 +61,13 @@ def test_write_run_metrics_adds_the_test_row_of_the_scored_model(project):
     val = {"miou": 0.7, "pixel_acc": 0.9, "iou": [0.75, 0.8] + [None] * 8, "confusion_matrix": cm}
     rows = [evaluate.metrics_row(name, val, 10, None, None, "val", "cpu", SIZE) for name in ("student", "student_tta")]
     test = {"miou": 0.5, "pixel_acc": 0.6, "iou": [0.5, 0.5] + [None] * 8, "confusion_matrix": cm}
-    metrics = report.write_run_metrics(ctx, rows, {"student_tta": val}, test, {"onnx": "exports/student.onnx"})
+    metrics = evaluation.write_run_metrics(ctx, rows, {"student_tta": val}, test, {"onnx": "exports/student.onnx"})
     assert [(row["model"], row["split"]) for row in metrics["models"]] == [
         ("student", "val"), ("student_tta", "val"), ("student_tta", "test")]
     assert metrics["models"][-1]["miou"] == 0.5 and len(rows) == 2  # the caller's rows are left alone
     assert read_json(ctx.run.dir / "metrics.json") == metrics
     assert metrics["exports"] == {"onnx": "exports/student.onnx"} and metrics["most_confused"][0]["truth"]
-    assert [r["split"] for r in report.write_run_metrics(ctx, rows, {"student_tta": val}, None, {})["models"]] == ["val", "val"]
+    assert [r["split"] for r in evaluation.write_run_metrics(ctx, rows, {"student_tta": val}, None, {})["models"]] == ["val", "val"]
 
 
 def test_adaptation_rows_score_both_students_on_the_test_images_not_adapted_on(project):
@@ -75,28 +78,55 @@ def test_adaptation_rows_score_both_students_on_the_test_images_not_adapted_on(p
     rows = [evaluate.metrics_row("student", val, 10, None, None, "val", "cpu", SIZE)]
     ctx.run.model_dir("student_adapted").mkdir(parents=True)
     tiny_checkpoint(ctx.run.model_dir("student_adapted") / "best.pt", seed=1)
-    off = report.adaptation_rows(ctx, scan, rows, device="cpu")  # no adaptation.json: adaptation was off
+    off = evaluation.adaptation_rows(ctx, scan, rows, device="cpu")  # no adaptation.json: adaptation was off
     assert off["rows"] == [] and off["record"] is None and "adaptation off" in off["summary"]
 
     write_json(ctx.run.model_dir("student_adapted") / "adaptation.json", {"adapt": "elsewhere", "images": ["/x/new.png"]})
-    on = report.adaptation_rows(ctx, scan, rows, device="cpu")
+    on = evaluation.adaptation_rows(ctx, scan, rows, device="cpu")
     assert "per class IoU" in on["summary"] and "Sky" in on["summary"]
     assert [(row["model"], row["split"]) for row in on["rows"]] == [
         ("student_adapted", "val"), ("student", "test"), ("student_adapted", "test")]
     assert on["test_images"] == 1 and on["left_out"] == 0
-    test_loader = training.loader(training.val_dataset(scan, SIZE, native_masks=True, split="test"), 2)
+    test_loader = eval_loader(assembly.val_dataset(scan, SIZE, native_masks=True, split="test"), 2)
     assert on["rows"][1]["miou"] == pytest.approx(evaluate.evaluate_model(student, test_loader, device="cpu")["miou"])
     assert on["rows"][0]["params"] == 10 and set(on["rows"][2]["per_class_iou"]) == set(CLASS_NAMES)
 
     # The test image the adapted student learnt from is never scored: here the only one, so no test rows.
     write_json(ctx.run.model_dir("student_adapted") / "adaptation.json",
                {"adapt": "test images", "images": [str(scan["splits"]["test"]["folder"]) + "/Color_Images/test000.png"]})
-    transductive = report.adaptation_rows(ctx, scan, rows, device="cpu")
+    transductive = evaluation.adaptation_rows(ctx, scan, rows, device="cpu")
     assert [row["split"] for row in transductive["rows"]] == ["val"] and transductive["left_out"] == 1
     assert "no test rows" in transductive["summary"]
     # Nor the held-out images it chose its epoch on (on the real data, a labelled part of the test images).
     write_json(ctx.run.model_dir("student_adapted") / "adaptation.json",
                {"adapt": "elsewhere", "images": ["/x/new.png"],
                 "holdout": [str(scan["splits"]["test"]["folder"]) + "/Color_Images/test000.png"]})
-    chosen_on = report.adaptation_rows(ctx, scan, rows, student, device="cpu")
+    chosen_on = evaluation.adaptation_rows(ctx, scan, rows, student, device="cpu")
     assert [row["split"] for row in chosen_on["rows"]] == ["val"] and chosen_on["left_out"] == 1
+
+
+def test_compare_models_makes_the_metrics_rows_of_notebook_06(project, monkeypatch):
+    ctx = start(project, "06_evaluate")
+    trained_run(ctx)
+    models = assembly.evaluation_models(ctx)
+    models = {name: models[name] for name in ("deeplab", "student_tta")}
+    loader = loader_of(ctx, native=True)
+    timed = []
+    throughput = benchmark.throughput
+
+    def spy(model, **kwargs):
+        timed.append((kwargs["batch_sizes"], kwargs["runs"]))
+        return throughput(model, **kwargs)
+
+    monkeypatch.setattr(benchmark, "throughput", spy)
+    rows, results = evaluation.compare_models(models, loader, [20, 30], device="cpu")
+    assert timed == [((1, 2), 2)] * 2  # the CPU's defaults (the demo's budget)
+    assert [row["model"] for row in rows] == ["deeplab", "student_tta"] and set(results) == set(models)
+    row = rows[0]
+    assert row["split"] == "val" and row["latency_ms"]["input_size"] == [20, 30] and row["latency_ms"]["device"] == "cpu"
+    assert row["miou"] == results["deeplab"]["miou"] == evaluate_model(models["deeplab"], loader)["miou"]
+    assert row["best_batch"] in (1, 2) and row["params"] == rows[1]["params"]
+    assert "confusion_matrix" in results["student_tta"]
+    timed.clear()
+    evaluation.compare_models({"deeplab": models["deeplab"]}, loader, [20, 30], device="cpu", batch_sizes=[1], runs=1)
+    assert timed == [((1,), 1)]
