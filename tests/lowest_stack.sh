@@ -8,7 +8,7 @@
 #
 # Why: `pip install -e .` on Kaggle or Colab keeps whatever torch/transformers is preinstalled, so every
 # lower bound in [project] dependencies is a promise; this checks it. The pins are derived from
-# pyproject.toml (each ">=X" becomes "==X"), so the bounds have one home. pytest comes from
+# pyproject.toml (each ">=X" becomes "==X", the optional extras' too), so the bounds have one home. pytest comes from
 # requirements.txt; nbval is not installed (no notebooks here), hence `-o addopts=`.
 #
 # Packages come from PyPI with pip's ordinary settings (PIP_CONFIG_FILE=/dev/null: this machine's pip
@@ -22,7 +22,8 @@ PYTHON="${PYTHON:-python3}"
 
 PINS="$("$PYTHON" - <<'EOF'
 import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = project["dependencies"] + [dep for extra in project.get("optional-dependencies", {}).values() for dep in extra]
 for dep in deps:
     name, spec = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(.*)", dep).groups()
     low = re.search(r">=\s*([^,\s]+)", spec)

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 warnings.simplefilter("ignore")  # filelock's notice that only its soft lock is available here
 
 from offroadseg.chapters.context import RunMismatch  # noqa: E402
-from offroadseg.runner import RunLock  # noqa: E402
+from offroadseg.runs import RunLock  # noqa: E402
 
 
 def attempt(folder: Path) -> None:

@@ -20,7 +20,8 @@ def test_the_teacher_chapter_runs_the_cells_of_02_and_03(project, monkeypatch, c
     with pytest.raises(RuntimeError, match="run the training cell"):
         chapter.training_summary()
 
-    def train_teacher(ctx, role, scan, plan, config):  # what engine.fit leaves in models/<role>/, in no time
+    def train_teacher(ctx, role, scan, plan, config, track=None):  # what engine.fit leaves in models/<role>/, in no time
+        seen["track"] = track
         rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_miou": miou, "seconds": 1.5,
                  "images_per_s": 4.0 + e, "per_class_iou": [miou] * 9 + [None]} for e, miou in ((1, 0.3), (2, 0.5))]
         write_json(ctx.run.model_dir(role) / "history.json", rows)
@@ -28,8 +29,10 @@ def test_the_teacher_chapter_runs_the_cells_of_02_and_03(project, monkeypatch, c
         (ctx.run.model_dir(role) / "last.pt").write_bytes(b"")
         return rows
 
+    seen = {}
     monkeypatch.setattr(teachers, "train_teacher", train_teacher)
-    history = chapter.train()
+    history = chapter.train(track="tensorboard")
+    assert seen["track"] == "tensorboard"  # the notebook's `track`, handed to fit
     assert [row["epoch"] for row in history] == [1, 2] and chapter.best["epoch"] == 2
     assert chapter.training_summary() == "best val mIoU 0.500 at epoch 2; 3 s, 6.0 train images/s"
     chapter.plot_curves()

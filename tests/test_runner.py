@@ -105,33 +105,6 @@ def test_set_names_must_exist_in_a_selected_notebook(tmp_path):
     assert "batch_size, epochs, grid_points" in str(info.value)
 
 
-def test_a_second_runner_on_one_run_folder_refuses_and_a_killed_ones_lock_does_not_block(tmp_path):
-    import subprocess
-    import sys
-
-    from offroadseg.chapters.context import RunMismatch
-    from offroadseg.runner import RunLock
-
-    folder = tmp_path / "outputs" / "r"
-    with RunLock(folder):
-        with pytest.raises(RunMismatch, match=r"is in use by ./run_all.sh \(pid \d+ on .*started"):
-            with RunLock(folder):
-                pass
-    # A runner killed hard leaves its lock file behind; the OS released the lock with the process.
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from pathlib import Path; from offroadseg.runner import RunLock\n"
-                               f"lock = RunLock(Path({str(folder)!r})).__enter__(); print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(RunMismatch, match=f"pid {holder.pid}"):
-        RunLock(folder).__enter__()
-    holder.kill()
-    holder.wait()
-    assert (folder / "lock").exists()
-    with RunLock(folder):
-        pass
-
-
 def test_without_fcntl_the_run_lock_still_refuses_names_its_holder_and_outlives_a_killed_one(tmp_path):
     # As on Windows: no fcntl module at all. The children block it before importing anything.
     import subprocess

@@ -7,6 +7,7 @@ from helpers import assert_names
 
 from offroadseg import runs
 from offroadseg.files import atomic_open, read_json, write_json
+from offroadseg.runs import RunLock, RunMismatch
 
 
 def test_record_step_writes_manifest(tmp_path, monkeypatch):
@@ -140,3 +141,25 @@ def test_require_names_the_producer_of_each_run_file(tmp_path):
                                ("figures/x.png", "the earlier notebooks")):
         with pytest.raises(FileNotFoundError, match=f"{relative} not found: run notebook {notebook}"):
             run.require(relative)
+
+
+def test_a_second_command_on_one_run_folder_refuses_and_a_killed_ones_lock_does_not_block(tmp_path):
+    folder = tmp_path / "outputs" / "r"
+    with RunLock(folder, holder="python -m offroadseg.train"):
+        with pytest.raises(RunMismatch) as error:
+            with RunLock(folder):
+                pass
+    assert_names(error, folder, "in use by python -m offroadseg.train (pid", "started", "--run NAME")
+    # A command killed hard leaves its lock file behind; the OS released the lock with the process.
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from pathlib import Path; from offroadseg.runs import RunLock\n"
+                               f"lock = RunLock(Path({str(folder)!r})).__enter__(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunMismatch, match=f"pid {holder.pid}"):
+        RunLock(folder).__enter__()
+    holder.kill()
+    holder.wait()
+    assert (folder / "lock").exists()
+    with RunLock(folder):
+        pass

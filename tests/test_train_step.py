@@ -134,8 +134,8 @@ def fp16_stand_in(monkeypatch):
     """fit's accelerator with a grad scaler, as fp16 training on a GPU has (accelerate's is None on the CPU)."""
     original = engine.make_accelerator
 
-    def make_accelerator(precision):
-        accelerator = original(precision)
+    def make_accelerator(precision, *tracking):
+        accelerator = original(precision, *tracking)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
         return accelerator
 
@@ -159,8 +159,8 @@ def fp16_stand_in_at(monkeypatch, init_scale: float):
     """fp16_stand_in with a grad scaler that starts at `init_scale`."""
     original = engine.make_accelerator
 
-    def make_accelerator(precision):
-        accelerator = original(precision)
+    def make_accelerator(precision, *tracking):
+        accelerator = original(precision, *tracking)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
         return accelerator
 

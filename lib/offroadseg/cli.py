@@ -42,7 +42,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Adds --profile, --run, --data, --set, --weights and --cwd to `parser` (returned)."""
     parser.add_argument("--profile", default=DEMO.name, choices=list(PROFILES),
                         help=f"what to train and how (default: {DEMO.name})")
-    parser.add_argument("--run", default=None,
+    # --run-name: the same option, for torchrun, whose parser takes --run for an abbreviation of its --run-path.
+    parser.add_argument("--run", "--run-name", dest="run", default=None,
                         help="run folder name under outputs/ (default: the profile name, or <profile>-<dataset> with --data)")
     parser.add_argument("--data", default=None, metavar="PATH",
                         help="the folder holding the dataset, found however deep (default: the generated demo desert)")

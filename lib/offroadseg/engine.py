@@ -41,6 +41,7 @@ from .files import write_json
 from .losses import cross_entropy
 from .pruning import pruned_decoder
 from .sampling import make_loaders, seed_epoch
+from .tracking import TRACKING_DIR, check_trackers, log_epoch, start_tracking, stop_tracking
 from .train_step import (
     SkippedSteps,
     StepStats,
@@ -77,18 +78,24 @@ class TrainConfig:
 # ------------------------------------------------------------------ optimisation set-up
 
 
-def make_accelerator(precision: str = "auto") -> Accelerator:
+def process_state() -> PartialState:
+    """Accelerate's process state (which process of how many; under torchrun it joins the group). cpu=True
+    without a CUDA GPU, so that a CPU launch runs DDP over gloo instead of falling back to one process."""
+    return PartialState(cpu=default_device().type != "cuda")
+
+
+def make_accelerator(precision: str = "auto", track: Sequence[str] = (), track_dir=None) -> Accelerator:
     """Accelerate's Accelerator for a TrainConfig.precision, the precision decided once, here, on this
     process's own GPU (`device.resolve_precision`): accelerate's process state is made first, which
-    sets each process's GPU, so that no process asks (and opens a CUDA context on) GPU 0."""
-    # cpu=True where there is no CUDA GPU, so that a CPU launch with torchrun / accelerate
-    # launch runs DDP over gloo instead of falling back to one process.
-    cpu = default_device().type != "cuda"
-    mixed_precision = resolve_precision(precision, PartialState(cpu=cpu).device)
+    sets each process's GPU, so that no process asks (and opens a CUDA context on) GPU 0. `track`:
+    accelerate's trackers (`tracking.check_trackers`) writing under `track_dir`."""
+    state = process_state()
+    mixed_precision = resolve_precision(precision, state.device)
     # non_blocking: batches go to the GPU from pinned memory without the host waiting for the
     # copy (a blocking copy is a host sync per batch, which leaves the GPU idle meanwhile).
-    settings = dict(mixed_precision=mixed_precision, cpu=cpu,
-                    dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    settings = dict(mixed_precision=mixed_precision, cpu=state.device.type == "cpu",
+                    dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                    log_with=list(track) or None, project_dir=None if track_dir is None else str(track_dir))
     try:
         return Accelerator(**settings)
     except ValueError as err:
@@ -159,6 +166,7 @@ def fit(
     data_fingerprint: str | None = None,
     batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     inference_record: dict | None = None,
+    track: Sequence[str] = (),
 ) -> list[dict]:
     """Train `model` on `train_set`, validate on `val_set` each epoch, checkpoint into `out_dir`.
 
@@ -173,6 +181,8 @@ def fit(
     the device (`batch_augment.BatchAugment`: augmentation on the GPU, the train set then yields uint8).
     `inference_record` (`modelinfo.inference_info(...)`: input size, normalisation, class table, TTA
     flips) is stored in every checkpoint under "inference", so the model file describes itself.
+    `track`: accelerate tracker name(s) (`tracking.check_trackers`) that get each epoch's scalars live,
+    written under out_dir/tracking/ (TensorBoard's event files); history.json stays the record.
 
     If out_dir/last.pt exists, training resumes after its epoch (settings must match, see
     checkpoints.RESUMABLE_CHANGES); a finished run returns its history without training.
@@ -188,7 +198,7 @@ def fit(
     if config.sync_every < 1:
         raise ValueError(f"sync_every must be at least 1 (steps between reads of the losses), got {config.sync_every}")
     out_dir = Path(out_dir)
-    accelerator = make_accelerator(config.precision)
+    accelerator = make_accelerator(config.precision, check_trackers(track), out_dir / TRACKING_DIR)
     set_seed(config.seed)
     say = accelerator.print
     setup = {"spec": getattr(model, "spec", None), "num_processes": accelerator.num_processes,
@@ -206,6 +216,7 @@ def fit(
             model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
         prepared, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
         try:
+            start_tracking(accelerator, out_dir.name, asdict(config))
             if len(train_loader) == 0:
                 raise ValueError(f"{len(train_set)} train samples make no full batch of {config.batch_size} "
                                  f"on each of {accelerator.num_processes} processes; lower batch_size")
@@ -265,8 +276,10 @@ def fit(
                 if accelerator.is_main_process:
                     save_epoch(out_dir, record, improved, model, optimizer, scheduler, accelerator.scaler,
                                config, setup, inference_record)
+                log_epoch(accelerator, row)
                 say(epoch_line(row, config.epochs, train, val, improved))
         finally:
+            stop_tracking(accelerator)
             # the plain module handed back: no autocast wrapper around its forward, no references kept
             accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
             accelerator.free_memory()

@@ -35,10 +35,8 @@ run and reuse or resume what is finished, each saying so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -47,22 +45,18 @@ from typing import NoReturn
 
 import nbformat
 import papermill as pm
-from filelock import FileLock, Timeout
 from papermill.exceptions import PapermillExecutionError
 
-from .chapters.context import DEMO_DATA, RunMismatch, check_same_run, data_root_of
+from .chapters.context import DEMO_DATA, check_same_run, data_root_of
 from .cli import RESERVED, UsageError, add_common_options, resolve_common
-from .files import write_bytes
 from .profiles import DEMO
-from .runs import LOCK_FILE, LOCK_HOLDER_FILE, now, project_root, run_dir, snapshot
+from .runs import RunLock, RunMismatch, project_root, run_dir, snapshot
 from .synth import make_demo_desert
 
 NOTEBOOKS = ("01_data_scan", "02_train_segformer", "03_train_deeplab", "04_ensemble", "05_distill", "06_evaluate")
 # How much of what a failing notebook printed is shown headless.
 FAILURE_TAIL_LINES = 15
 FAILURE_MESSAGE_CHARS = 2500
-# Seconds a second runner waits for a run folder's lock before it refuses (filelock polls every 0.05 s).
-RUN_LOCK_WAIT = 0.5
 
 
 def select_notebooks(only: str | None, folder: Path) -> list[Path]:
@@ -104,50 +98,6 @@ def assign_parameters(notebooks: list[Path], common: dict, sets: dict) -> dict[P
 
 
 # ----------------------------------------------------------------------------- run folders
-
-
-class RunLock:
-    """A lock on outputs/<run>/lock for the duration of a run (a context manager).
-
-    `filelock.FileLock`: flock on Unix, a msvcrt lock on Windows, both owned by the process, so one
-    killed with SIGKILL releases its lock at once and a lock file left behind never blocks the next
-    run (where neither exists, filelock's soft lock records the PID and reclaims a dead holder's
-    file: filelock 3.22 removes it on one attempt and takes the lock on the next, hence the short
-    wait, `RUN_LOCK_WAIT`, before a refusal). Who holds it is written to `lock.holder` beside it,
-    for the refusal: not into the lock file itself, which Windows keeps unreadable while it is
-    locked and the soft lock fills itself.
-    """
-
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_FILE
-        self.holder_path = folder / LOCK_HOLDER_FILE
-        self.lock = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path, timeout=RUN_LOCK_WAIT)
-        try:
-            lock.acquire()
-        except Timeout:
-            try:
-                holder = self.holder_path.read_text(encoding="utf-8").strip()
-            except OSError:
-                holder = ""
-            raise RunMismatch(f"run folder {self.path.parent} is in use by {holder or 'another process'}; wait for "
-                              f"it to finish, stop it, or use another run name (--run NAME)") from None
-        try:
-            write_bytes(self.holder_path, f"./run_all.sh (pid {os.getpid()} on {socket.gethostname()}, started {now()})\n".encode())
-        except BaseException:
-            lock.release()
-            raise
-        self.lock = lock
-        return self
-
-    def __exit__(self, *exc):
-        with contextlib.suppress(OSError):
-            self.holder_path.unlink()
-        self.lock.release()
-        return False
 
 
 # ----------------------------------------------------------------------------- failures

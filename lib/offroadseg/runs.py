@@ -9,24 +9,35 @@ notebook to run first (`Run.require`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .files import read_json, write_json
+from filelock import FileLock, Timeout
+
+from .files import read_json, write_bytes, write_json
 
 PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "numpy", "pillow", "matplotlib")
 # The student adapted to a new desert (notebook 05's `adapt`): models/<this>/, beside models/student/.
 ADAPTED_STUDENT = "student_adapted"
-# Held by the runner working on a run folder (`runner.RunLock`), and who that runner is.
+# Held by the command working on a run folder (`RunLock`), and who that command is.
 LOCK_FILE = "lock"
 LOCK_HOLDER_FILE = "lock.holder"
+# Seconds a second command waits for a run folder's lock before it refuses (filelock polls every 0.05 s).
+RUN_LOCK_WAIT = 0.5
+
+
+class RunMismatch(ValueError):
+    """A command or notebook asked to work on a run folder that belongs to other settings or data,
+    or that another command is working on."""
 
 
 def project_root() -> Path:
@@ -194,6 +205,53 @@ def snapshot(run: Run) -> Path | None:
     shutil.copytree(run.dir, target, copy_function=link, ignore=skip)
     return target
 
+
+
+class RunLock:
+    """A lock on outputs/<run>/lock while a command works on the run folder (a context manager):
+    ./run_all.sh's runner and `python -m offroadseg.train` take it, so two never work on one folder.
+
+    `filelock.FileLock`: flock on Unix, a msvcrt lock on Windows, both owned by the process, so one
+    killed with SIGKILL releases its lock at once and a lock file left behind never blocks the next
+    run (where neither exists, filelock's soft lock records the PID and reclaims a dead holder's
+    file: filelock 3.22 removes it on one attempt and takes the lock on the next, hence the short
+    wait, `RUN_LOCK_WAIT`, before a refusal). Who holds it (`holder`: the command) is written to
+    `lock.holder` beside it, for the refusal: not into the lock file itself, which Windows keeps
+    unreadable while it is locked and the soft lock fills itself.
+    """
+
+    def __init__(self, folder: Path, holder: str = "./run_all.sh"):
+        self.path = Path(folder) / LOCK_FILE
+        self.holder_path = Path(folder) / LOCK_HOLDER_FILE
+        self.holder = holder
+        self.lock = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path, timeout=RUN_LOCK_WAIT)
+        try:
+            lock.acquire()
+        except Timeout:
+            try:
+                holder = self.holder_path.read_text(encoding="utf-8").strip()
+            except OSError:
+                holder = ""
+            raise RunMismatch(f"run folder {self.path.parent} is in use by {holder or 'another process'}; wait for "
+                              f"it to finish, stop it, or use another run name (--run NAME)") from None
+        try:
+            write_bytes(self.holder_path, f"{self.holder} (pid {os.getpid()} on {socket.gethostname()}, "
+                                          f"started {now()})\n".encode())
+        except BaseException:
+            lock.release()
+            raise
+        self.lock = lock
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self.holder_path.unlink()
+        self.lock.release()
+        return False
 
 def run_dir(run: str, root: Path | None = None) -> Run:
     if not run or any(sep in run for sep in ("/", "\\")) or run in (".", ".."):

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..data import find_dataset
 from ..files import read_json
 from ..profiles import Profile, get_profile
-from ..runs import PRODUCERS, Run, project_root, record_step, run_dir
+from ..runs import PRODUCERS, Run, RunMismatch, project_root, record_step, run_dir
 from ..scan import data_fingerprint
 from ..synth import is_demo_desert, make_demo_desert
 
@@ -50,10 +50,6 @@ def resolve_data_root(data: str | os.PathLike | None) -> Path:
     root = project_root() / DEMO_DATA
     make_demo_desert(root)  # returns at once when the desert is already there
     return root
-
-
-class RunMismatch(ValueError):
-    """A notebook asked to continue a run folder that was made with other settings or data."""
 
 
 def data_root_of(data: str | os.PathLike | None) -> Path:
@@ -123,9 +119,11 @@ def check_data_unchanged(folder: Run, step: str, data_root: Path) -> None:
     )
 
 
-def start(step: str, run: str, profile: str, data: str | os.PathLike | None = None, **parameters) -> Context:
+def start(step: str, run: str, profile: str, data: str | os.PathLike | None = None, record: bool = True,
+          **parameters) -> Context:
     """Resolve run folder, profile and data root, check they match the run's own, and record this
-    notebook's start in run.json."""
+    notebook's start in run.json (`record`: False in every process but the first of a training
+    command under a launcher, which records it once)."""
     run = os.environ.get(RUN_OVERRIDE_ENV) or run
     folder = run_dir(run)
     chosen = get_profile(profile)
@@ -137,8 +135,9 @@ def start(step: str, run: str, profile: str, data: str | os.PathLike | None = No
     size = run_image_size(folder, parameters.get("image_size"))
     if size is not None:
         chosen = chosen.with_overrides(image_size=size)
-    record_step(folder, step, {"profile": profile, "data": None if data is None else str(data), **parameters},
-                profile=profile, data_root=data_root, seed=chosen.seed)
+    if record:
+        record_step(folder, step, {"profile": profile, "data": None if data is None else str(data), **parameters},
+                    profile=profile, data_root=data_root, seed=chosen.seed)
     return Context(step=step, run=folder, profile=chosen, data_root=data_root, parameters=parameters)
 
 

@@ -12,10 +12,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import benchmark
+from ..checkpoints import best_row
 from ..dataset import SegmentationDataset, cache_folder
 from ..device import default_device
 from ..distill import DistillationLoss, DistillationStudent, Distiller, cost_split
 from ..engine import TrainConfig, fit
+from ..files import read_json
 from ..modelinfo import inference_info
 from ..models import count_parameters
 from ..profiles import DistillConfig, ModelPlan, Profile, with_settings
@@ -29,6 +31,29 @@ from .assembly import (
     load_teachers,
     segmentation_loss,
 )
+
+# Notebook 05 (its step in run.json) and the parameters of its student (`python -m offroadseg.train student
+# --set` takes the same): the plan's (`plan_overrides`), the distillation's (`distill_overrides`), image_size.
+STEP = "05_distill"
+SETTINGS = ("model", "pretrained", "student_init", "epochs", "batch_size", "lr", "image_size", "alpha", "temperature",
+            "beta")
+
+
+def plan_overrides(settings: dict) -> dict:
+    """The student's `model_plan` keyword arguments from notebook 05's parameters (absent or None: the profile's)."""
+    return {"name": settings.get("model"), "init_from": settings.get("student_init"),
+            **{key: settings.get(key) for key in ("pretrained", "epochs", "batch_size", "lr")}}
+
+
+def distill_overrides(settings: dict) -> dict:
+    """`distill_config` keyword arguments from notebook 05's parameters."""
+    return {key: settings.get(key) for key in ("alpha", "temperature", "beta")}
+
+
+def student_summary(ctx, role: str = "student") -> dict:
+    """The best history row of the student in models/<role>/ (its history.json), with the backend it trained on."""
+    history = read_json(ctx.run.require(ctx.run.history(role)))
+    return {**best_row(history), "backend": history[-1].get("backend")}
 
 
 def distill_config(profile: Profile, **settings) -> DistillConfig:
@@ -56,7 +81,7 @@ def distillation_setup(ctx, scan: dict, plan: ModelPlan, distill: DistillConfig,
 
 def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill: DistillConfig, progress: bool = True,
                   adapt_images=None, confidence_threshold: float | None = None, role: str = "student",
-                  val_pairs=None):
+                  val_pairs=None, track=()):
     """Distil the ensemble into the student of `plan` on the shared engine (see `distillation_setup`).
 
     Checkpoints go to models/<role>/ and reload as the plain student (`checkpoints.load_model`).
@@ -66,7 +91,8 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill
     join the train set under the same augmentation, each drawn as often as an average train image;
     they count in the soft term where the ensemble's confidence reaches `confidence_threshold`
     (required with them). `val_pairs` (labelled pairs): validate, and so choose the best epoch, on
-    them instead of val (the adapted student chooses on held-out images of the new desert).
+    them instead of val (the adapted student chooses on held-out images of the new desert). `track`:
+    accelerate trackers that get each epoch's scalars (`tracking`).
     """
     adapt_images = list(adapt_images or [])
     if adapt_images and confidence_threshold is None:
@@ -92,7 +118,8 @@ def train_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill
                   sample_weights=sample_weights, step_loss=distiller.step_loss, progress=progress,
                   data_fingerprint=scan.get("fingerprint"),
                   batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None,
-                  inference_record=inference_info(ctx.profile.image_size, tta_flips=flips, spec=model.student.spec))
+                  inference_record=inference_info(ctx.profile.image_size, tta_flips=flips, spec=model.student.spec),
+                  track=track)
     return history
 
 

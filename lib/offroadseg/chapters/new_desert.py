@@ -21,7 +21,7 @@ nor held out (`evaluation.adaptation_rows`). The settings are the profile's `Ada
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,18 @@ DEMO_ADAPT = "demo"
 # notebook 05's default `adapt`: DEMO_ADAPT when the data is the generated demo desert (where adapting
 # measurably helps, bench/adaptation.py), else off: on a user's data, `adapt` names a folder of theirs.
 AUTO_ADAPT = "auto"
+
+
+# Notebook 05's parameters of the adaptation (`python -m offroadseg.train adapt --set` takes the same), and
+# the AdaptConfig field each sets (`adapt_overrides`).
+SETTINGS = ("adapt", "adapt_holdout", "adapt_min_accuracy", "adapt_threshold", "adapt_epochs")
+_CONFIG_FIELDS = {"adapt": "images", "adapt_holdout": "holdout", "adapt_min_accuracy": "min_accuracy",
+                  "adapt_threshold": "threshold", "adapt_epochs": "epochs"}
+
+
+def adapt_overrides(settings: dict) -> dict:
+    """`adapt_config` keyword arguments from notebook 05's adapt_* parameters (absent or None: the profile's)."""
+    return {field: settings.get(name) for name, field in _CONFIG_FIELDS.items()}
 
 
 def adapt_config(profile: Profile, **settings) -> AdaptConfig:
@@ -79,13 +91,13 @@ def adapted_config(config: TrainConfig, plan: ModelPlan, adapt: AdaptConfig) -> 
 
 
 def train_adapted_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill: DistillConfig,
-                          adapt_images, confidence_threshold: float, holdout_pairs=None):
+                          adapt_images, confidence_threshold: float, holdout_pairs=None, track=()):
     """`train_student` with the new desert's unlabelled images, into models/student_adapted/, choosing its
     best epoch on `holdout_pairs` (labelled images of the new desert) when given, else on val (for
     `engine.launch`, which passes arguments by position). `plan` and `config`: see `adapted_plan`."""
     return train_student(ctx, scan, plan, config, distill, adapt_images=adapt_images,
                          confidence_threshold=confidence_threshold, role=ADAPTED_STUDENT,
-                         val_pairs=list(holdout_pairs) if holdout_pairs else None)
+                         val_pairs=list(holdout_pairs) if holdout_pairs else None, track=track)
 
 
 def adaptation_images(ctx, adapt) -> list[Path]:
@@ -184,14 +196,25 @@ def check_same_adaptation(ctx, record: dict) -> None:
                         f"({ctx.rel(path)}): delete that folder to adapt anew with these, or set adapt as before")
 
 
-def adapt_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill: DistillConfig, adapt: AdaptConfig,
-                  num_processes: int | None = None) -> dict | None:
-    """Notebook 05's adaptation cell: the images `adapt.images` names (`resolve_adapt`), the confidence
-    rule measured on val (printed), adaptation.json, and the adapted student fine-tuned from the
-    distilled one (`plan`, `config`, `distill`: the student's) into models/student_adapted/.
+@dataclass
+class PreparedAdaptation:
+    """What the adapted student trains on (`prepare_adaptation`): plain data, so a training command can
+    hand it from its first process to the others."""
 
-    Returns the adaptation record, or None when adaptation is off or skipped (no confidence level
-    keeps val pixels `adapt.min_accuracy` right and no `adapt.threshold` forces one).
+    record: dict  # adaptation.json as written before training
+    plan: ModelPlan  # `adapted_plan`
+    config: TrainConfig  # `adapted_config`
+    images: list  # the unlabelled images of the new desert
+    threshold: float  # the confidence rule's
+    holdout: list  # labelled held-out pairs of the new desert ([]: choose on val)
+
+
+def prepare_adaptation(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, adapt: AdaptConfig,
+                       device=None) -> PreparedAdaptation | None:
+    """Before the adapted student trains: the images `adapt.images` names (`resolve_adapt`), the confidence
+    rule measured on val (printed, on `device`), the check against an earlier adapted student and
+    adaptation.json written. None when adaptation is off or skipped (no confidence level keeps val
+    pixels `adapt.min_accuracy` right and no `adapt.threshold` forces one). `plan`, `config`: the student's.
     """
     source = resolve_adapt(ctx, adapt.images)
     images = adaptation_images(ctx, source)
@@ -203,7 +226,7 @@ def adapt_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill
                   "set stays, and notebook 06 reports it; delete that folder to drop it")
         return None
     holdout_pairs = adaptation_holdout(ctx, source, adapt.holdout)
-    rule = confidence_rule(ctx, scan, adapt.min_accuracy, device=device_before_launch(num_processes))
+    rule = confidence_rule(ctx, scan, adapt.min_accuracy, device=device)
     if adapt.threshold is not None:
         rule["threshold"] = float(adapt.threshold)  # forced by the notebook's parameter
     print(confidence_lines(rule["table"], rule["threshold"]))
@@ -220,15 +243,36 @@ def adapt_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill
           f"ensemble is at least {rule['threshold']:.2f} sure. The distilled student fine-tunes on them and the "
           f"train set for {adapted.epochs} epoch(s), its best epoch chosen on {chosen_on}")
     write_adaptation_record(ctx, record)
-    launch(train_adapted_student, ctx, scan, adapted, adapted_config(config, adapted, adapt), distill,
-           images, rule["threshold"], holdout_pairs, num_processes=num_processes)
-    # After the launch, never before: it may run on the GPU, which the launcher's processes need unused.
+    return PreparedAdaptation(record, adapted, adapted_config(config, adapted, adapt), images, rule["threshold"],
+                              holdout_pairs)
+
+
+def finish_adaptation(ctx, prepared: PreparedAdaptation) -> dict:
+    """After the adapted student trained: its BatchNorm statistics re-estimated on the new desert's images
+    (`adaptation.recalibrate_checkpoint`, printed) and adaptation.json completed. Returns the record."""
+    images = prepared.images
     batchnorm = recalibrate_checkpoint(ctx.run.checkpoint(ADAPTED_STUDENT), images, ctx.profile.image_size)
     print(f"BatchNorm statistics re-estimated on the {len(images)} images of the new desert "
           f"({batchnorm['layers']} layers)" if batchnorm["layers"] else
           "this student has no BatchNorm layer: its normalisation statistics stay the training desert's")
-    write_adaptation_record(ctx, {**record, "batchnorm": batchnorm})
+    write_adaptation_record(ctx, {**prepared.record, "batchnorm": batchnorm})
     return read_adaptation_record(ctx.run)
+
+
+def adapt_student(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, distill: DistillConfig, adapt: AdaptConfig,
+                  num_processes: int | None = None, track=None) -> dict | None:
+    """Notebook 05's adaptation cell: `prepare_adaptation`, the adapted student fine-tuned from the
+    distilled one (`plan`, `config`, `distill`: the student's) into models/student_adapted/ on every
+    GPU (`engine.launch`), then `finish_adaptation`. Returns the adaptation record, or None when
+    adaptation is off or skipped. `track`: tracker name(s) for live curves (`tracking.check_trackers`).
+    """
+    prepared = prepare_adaptation(ctx, scan, plan, config, adapt, device=device_before_launch(num_processes))
+    if prepared is None:
+        return None
+    launch(train_adapted_student, ctx, scan, prepared.plan, prepared.config, distill, prepared.images,
+           prepared.threshold, prepared.holdout, num_processes=num_processes, track=track)
+    # After the launch, never before: it may run on the GPU, which the launcher's processes need unused.
+    return finish_adaptation(ctx, prepared)
 
 
 def device_before_launch(num_processes: int | None = None):

@@ -31,9 +31,23 @@ from .assembly import (
     train_config,
 )
 
+# Each teacher's notebook (its step in run.json) and how its figures name it.
+STEPS = {"segformer": "02_train_segformer", "deeplab": "03_train_deeplab"}
+TITLES = {"segformer": "SegFormer", "deeplab": "DeepLabV3+"}
+# The training parameters notebooks 02 and 03 take (and `python -m offroadseg.train teacher --set`);
+# model, pretrained, epochs, batch_size and lr go to the plan (`plan_overrides`), image_size to the run.
+SETTINGS = ("model", "pretrained", "epochs", "batch_size", "lr", "image_size")
 
-def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConfig, progress: bool = True) -> list[dict]:
+
+def plan_overrides(settings: dict) -> dict:
+    """`model_plan` keyword arguments from the parameters of `SETTINGS` (absent or None: the profile's)."""
+    return {"name": settings.get("model"), **{key: settings.get(key) for key in ("pretrained", "epochs", "batch_size", "lr")}}
+
+
+def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConfig, progress: bool = True,
+                  track=()) -> list[dict]:
     """Build the model of `plan`, train it on the run's data, checkpoint into models/<role>/. Returns the history.
+    `track`: accelerate trackers that get each epoch's scalars (`tracking`).
 
     Not the model: under `engine.launch` on several GPUs each process's return value is pickled
     back to the notebook, and a model on CUDA would travel by CUDA IPC and initialise CUDA there
@@ -48,7 +62,7 @@ def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConf
                   sample_weights=scan["sample_weights"], progress=progress, data_fingerprint=scan.get("fingerprint"),
                   batch_transform=batch_augmentation(ctx.profile.image_size) if on_device else None,
                   # Teachers have no TTA of their own: notebook 04 chooses flips for the ensemble.
-                  inference_record=inference_info(ctx.profile.image_size, spec=model.spec))
+                  inference_record=inference_info(ctx.profile.image_size, spec=model.spec), track=track)
     return history
 
 
@@ -88,10 +102,12 @@ class TeacherChapter:
         return (f"model: {self.plan.name} {self.plan.options or ''}, pretrained: {self.plan.pretrained}\n"
                 f"input: {height}x{width}, epochs: {self.config.epochs}, batch: {self.config.batch_size}")
 
-    def train(self, num_processes: int | None = None) -> list[dict]:
+    def train(self, num_processes: int | None = None, track=None) -> list[dict]:
         """Train (or resume) on every GPU through `engine.launch`; the history is read back from
-        history.json, since under the launcher the training function's return value is dropped."""
-        launch(train_teacher, self.ctx, self.role, self.scan, self.plan, self.config, num_processes=num_processes)
+        history.json, since under the launcher the training function's return value is dropped.
+        `track`: the notebook's tracker name(s) for live curves (`tracking.check_trackers`), None: off."""
+        launch(train_teacher, self.ctx, self.role, self.scan, self.plan, self.config, num_processes=num_processes,
+               track=track)
         self.history = read_json(self.ctx.run.history(self.role))
         return self.history
 
@@ -126,14 +142,20 @@ class TeacherChapter:
         context.demo_check(self.ctx, f"best val mIoU >= {min_demo_miou}", best["val_miou"] >= min_demo_miou,
                             f"{best['val_miou']:.3f}")
         print("checkpoints:", sorted(path.name for path in self.model_dir.glob("*.pt")))
-        # backend: how the last epoch trained (device, precision, channels_last, loader workers), in run.json
+        self.record()
+
+    def record(self, **extra) -> None:
+        """The notebook's (or the training command's) end in run.json: the best epoch and, as backend,
+        how the last epoch trained (device, precision, channels_last, loader workers); `extra` besides."""
+        best = self.best
         context.finish(self.ctx, best_val_miou=best["val_miou"], best_epoch=best["epoch"],
-                        backend=self.history[-1].get("backend"))
+                        backend=self.history[-1].get("backend"), **extra)
 
 
-def teacher_chapter(ctx, role: str, title: str, weights_dir=None, **overrides) -> TeacherChapter:
+def teacher_chapter(ctx, role: str, title: str | None = None, weights_dir=None, **overrides) -> TeacherChapter:
     """The chapter of teacher `role` for the run of `ctx`: the scan of notebook 01, the profile's plan
     with the notebook's overrides (`model_plan`: name, pretrained, epochs, batch_size, lr) and its
-    training settings."""
+    training settings. `title` names the model in figures (default: `TITLES`)."""
     plan = model_plan(ctx.profile, role, weights_dir=weights_dir, **overrides)
-    return TeacherChapter(ctx, role, title, read_scan(ctx.run.scan), plan, train_config(ctx.profile, plan))
+    return TeacherChapter(ctx, role, title or TITLES[role], read_scan(ctx.run.require("scan.json")), plan,
+                          train_config(ctx.profile, plan))
