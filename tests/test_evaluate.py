@@ -152,6 +152,10 @@ def test_choose_tta_prefers_the_set_that_scores_best():
     scores = {tuple(row["flips"]): row["miou"] for row in table}
     assert scores[()] == pytest.approx(1.0) and scores[("h",)] == pytest.approx(1.0)
     assert scores[("v",)] < 0.5  # the v view cancels the plain one and the tie falls to class 0
+    # Each row carries the candidate's scores as the scorer gives them: no second pass is needed.
+    plain = evaluate.evaluate_model(UpIsClassOne(), [(images, masks)], device="cpu")
+    assert {key: table[0][key] for key in ("miou", "pixel_acc", "per_class_iou")} == {
+        key: plain[key] for key in ("miou", "pixel_acc", "per_class_iou")}
 
 
 def hand_validation(model, loader, loss_fn):

@@ -25,7 +25,8 @@ def test_select_notebooks_by_number_and_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_failing_notebook_stops_the_run_with_its_name_and_error(tmp_path, capsys):
+def test_failing_notebook_stops_the_run_with_its_name_and_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
     good = _notebook(tmp_path / "01_data_scan.ipynb", "print(run, profile)")
     bad = _notebook(tmp_path / "02_train_segformer.ipynb", "x = 1\nprint('pairs per split: train None')",
                     "print('about to fail')\nraise ValueError('bad thing in cell')")
@@ -41,6 +42,23 @@ def test_failing_notebook_stops_the_run_with_its_name_and_error(tmp_path, capsys
     assert not (tmp_path / "out" / "03_train_deeplab.ipynb").exists()
     executed = nbformat.read(tmp_path / "out" / "01_data_scan.ipynb", as_version=4)
     assert any("r1 demo" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    # Where the time went, cell by cell, for the notebooks that ran (the failed one included).
+    profile = read_json(tmp_path / "outputs" / "r1" / "profile.json")
+    assert list(profile) == ["01_data_scan", "02_train_segformer"]
+    cells = profile["02_train_segformer"]["cells"]
+    assert [cell["source"] for cell in cells][-2:] == ["x = 1", "print('about to fail')"]  # the failing one too
+    assert all(cell["seconds"] >= 0 for cell in cells) and profile["01_data_scan"]["seconds"] > 0
+
+
+def test_the_slowest_cells_are_named_with_their_notebook_and_first_line():
+    from offroadseg.runner import slowest_cells
+
+    profiled = {"02_train_segformer": [{"cell": 4, "seconds": 190.0, "source": "teacher.train(num_processes)"},
+                                       {"cell": 5, "seconds": 1.0, "source": "teacher.plot_curves()"}],
+                "05_distill": [{"cell": 6, "seconds": 84.2, "source": "adapted = new_desert.adapt_student(...)"}]}
+    lines = slowest_cells(profiled, count=2).splitlines()
+    assert [line.split()[:4] for line in lines] == [["02", "cell", "4", "190.0"], ["05", "cell", "6", "84.2"]]
+    assert lines[0].endswith("teacher.train(num_processes)")
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from torch import nn
 from .device import default_device, device_name, inference_autocast, on_device, precision_name, synchronize
 
 NATIVE_SIZE = (540, 960)  # (height, width) of the Falcon images
+MIN_TIMED_RUNS = 3  # `time_fn` stops at `max_seconds` only once this many calls are timed (a median of 3)
 
 
 def time_fn(fn: Callable[[], object], warmup: int = 3, runs: int = 20, device=None,
@@ -38,8 +39,8 @@ def time_fn(fn: Callable[[], object], warmup: int = 3, runs: int = 20, device=No
 
     `device` says where `fn`'s work runs (None: the GPU when there is one), so
     the clock is read after the GPU finished. `max_seconds` stops timing early
-    once that much time went into the timed calls (at least one is always
-    made), which keeps slow models within a budget. Returns {"median_ms",
+    once that much time went into the timed calls and `MIN_TIMED_RUNS` were
+    made (or `runs`, if fewer), which keeps slow models within a budget. Returns {"median_ms",
     "p90_ms", "min_ms", "mean_ms", "runs"} ("runs" = calls actually timed).
     """
     if runs < 1:
@@ -57,7 +58,7 @@ def time_fn(fn: Callable[[], object], warmup: int = 3, runs: int = 20, device=No
         elapsed = time.perf_counter() - start
         times.append(elapsed * 1000.0)
         spent += elapsed
-        if max_seconds is not None and spent >= max_seconds:
+        if max_seconds is not None and spent >= max_seconds and len(times) >= min(MIN_TIMED_RUNS, runs):
             break
     times_ms = np.asarray(times)
     return {
@@ -90,7 +91,7 @@ def latency(
     batch: int = 1,
     warmup: int | None = None,
     runs: int | None = None,
-    max_seconds: float | None = 5.0,
+    max_seconds: float | None = 2.0,
 ) -> dict:
     """Milliseconds per forward of `model` on a random (batch, 3, H, W) input, as in evaluation.
 
@@ -100,9 +101,10 @@ def latency(
     Returns `time_fn`'s fields plus device, input_size [H, W], batch and precision ("bf16", "fp16" or "fp32").
 
     Defaults: on a GPU 10 warm-up and 50 timed calls (milliseconds each); on a
-    CPU 1 warm-up and up to 10 timed calls within `max_seconds` of timing, so a
-    model that takes seconds a call on busy cores still costs little more than
-    `max_seconds` (SegFormer-B0's figures: bench/RESULTS.md, "Figures moved from docstrings").
+    CPU 1 warm-up and up to 10 timed calls within `max_seconds` (2 s) of timing, at least 3, so a
+    model that takes a second a call on busy cores costs about 3 calls, not 11: the median of a few
+    calls is as good as its spread on a CPU (SegFormer-B0's figures: bench/RESULTS.md, "Figures moved
+    from docstrings"; the demo's notebooks time a dozen predictors this way).
     """
     device = default_device(device)
     on_gpu = device.type == "cuda"

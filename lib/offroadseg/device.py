@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import itertools
 import os
 import shutil
@@ -49,6 +50,35 @@ from torch import nn
 ALLOW_CPU_ENV = "OFFROADSEG_ALLOW_CPU"
 # Oldest Linux driver branch that runs each CUDA major version (NVIDIA's CUDA compatibility table).
 MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+# glibc's malloc hands large freed blocks back to the OS at once (each block over its mmap threshold,
+# and the heap's top beyond its trim threshold), so on a CPU every training or inference step faults
+# the same few hundred MB of activations back in: 35-70k page faults per demo SegFormer-B0 step, 5-12%
+# of the step's time, more on a busy machine (bench/RESULTS.md, "CPU memory reuse"). Kept instead:
+# blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap, which keeps 1 GiB of free
+# top before it trims and grows 256 MiB at a time.
+MALLOC_SETTINGS = {-3: 32 << 20, -1: 1 << 30, -2: 256 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+_malloc_kept = None
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse (`MALLOC_SETTINGS`), once per process; True when set.
+
+    For the CPU paths (training, evaluation, predict): the process's memory then stays near its peak
+    instead of returning between steps. Nothing on other C libraries (macOS, Windows, musl) or where
+    the user set any MALLOC_* variable of glibc's own (theirs win).
+    """
+    global _malloc_kept
+    if _malloc_kept is None:
+        _malloc_kept = False
+        if sys.platform.startswith("linux") and not any(name.startswith("MALLOC_") for name in os.environ):
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                _malloc_kept = all(libc.mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.items())
+            except (OSError, AttributeError):  # not glibc
+                pass
+    return _malloc_kept
 
 
 def _flag(name: str) -> bool:

@@ -49,14 +49,17 @@ from papermill.exceptions import PapermillExecutionError
 
 from .chapters.context import DEMO_DATA, check_same_run, data_root_of
 from .cli import RESERVED, UsageError, add_common_options, resolve_common
+from .files import read_json, write_json
 from .profiles import DEMO
-from .runs import RunLock, RunMismatch, project_root, run_dir, snapshot
+from .runs import RunLock, RunMismatch, now, project_root, run_dir, snapshot
 from .synth import make_demo_desert
 
 NOTEBOOKS = ("01_data_scan", "02_train_segformer", "03_train_deeplab", "04_ensemble", "05_distill", "06_evaluate")
 # How much of what a failing notebook printed is shown headless.
 FAILURE_TAIL_LINES = 15
 FAILURE_MESSAGE_CHARS = 2500
+# How many of the slowest cells a finished run names (profile.json holds them all).
+PROFILE_LINES = 5
 
 
 def select_notebooks(only: str | None, folder: Path) -> list[Path]:
@@ -162,8 +165,42 @@ def run_notebooks(notebooks: list[Path], run: str, profile: str, data: str | Non
         return 1
 
 
+def cell_times(executed: Path) -> list[dict]:
+    """Each code cell's seconds in an executed notebook (papermill's record), with its first line."""
+    try:
+        notebook = nbformat.read(str(executed), as_version=4)
+    except (OSError, ValueError):
+        return []
+    cells = []
+    for index, cell in enumerate(notebook.cells):
+        seconds = (cell.get("metadata", {}).get("papermill", {}) or {}).get("duration")
+        if cell.cell_type == "code" and seconds is not None:
+            first = next((line.strip() for line in cell.source.splitlines()
+                          if line.strip() and not line.lstrip().startswith("#")), "")
+            cells.append({"cell": index, "seconds": round(seconds, 2), "source": first[:100]})
+    return cells
+
+
+def record_profile(run: str, notebook: str, seconds: float, executed: Path) -> list[dict]:
+    """Add a notebook's wall time and its cells' (`cell_times`) to outputs/<run>/profile.json; returns the cells."""
+    folder = run_dir(run)
+    profile = read_json(folder.profile) if folder.profile.exists() else {}
+    cells = cell_times(executed)
+    profile[notebook] = {"seconds": round(seconds, 1), "finished": now(), "cells": cells}
+    write_json(folder.profile, profile)
+    return cells
+
+
+def slowest_cells(profiled: dict[str, list[dict]], count: int = PROFILE_LINES) -> str:
+    """The `count` slowest cells of the notebooks just run, one line each (notebook, cell, seconds, first line)."""
+    cells = sorted(((cell["seconds"], name, cell) for name, rows in profiled.items() for cell in rows), key=lambda c: -c[0])
+    return "\n".join(f"  {name[:2]} cell {cell['cell']:<3} {seconds:7.1f} s  {cell['source'][:70]}"
+                     for seconds, name, cell in cells[:count])
+
+
 def _execute(notebooks: list[Path], per_notebook: dict[Path, dict], out_dir: Path | None, run: str) -> int:
     total = time.perf_counter()
+    profiled = {}
     for notebook in notebooks:
         started = time.perf_counter()
         target = notebook if out_dir is None else out_dir / notebook.name
@@ -171,6 +208,7 @@ def _execute(notebooks: list[Path], per_notebook: dict[Path, dict], out_dir: Pat
             pm.execute_notebook(str(notebook), str(target), parameters=per_notebook[notebook],
                                 cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
         except PapermillExecutionError as err:
+            record_profile(run, notebook.stem, time.perf_counter() - started, target)
             print(f"{notebook.stem:<22} {time.perf_counter() - started:7.1f} s  FAILED", flush=True)
             print(f"\n{notebook.name} failed in cell {err.exec_count}.\n{failure_report(target, err)}", file=sys.stderr)
             print(f"executed copy with the full traceback: {target}", file=sys.stderr)
@@ -179,8 +217,11 @@ def _execute(notebooks: list[Path], per_notebook: dict[Path, dict], out_dir: Pat
             print(f"{notebook.stem:<22} {time.perf_counter() - started:7.1f} s  FAILED", flush=True)
             print(f"\n{notebook.name} could not run: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
+        profiled[notebook.stem] = record_profile(run, notebook.stem, time.perf_counter() - started, target)
         print(f"{notebook.stem:<22} {time.perf_counter() - started:7.1f} s  ok", flush=True)
     print(f"{'all':<22} {time.perf_counter() - total:7.1f} s  ok ({len(notebooks)} notebooks, run '{run}')", flush=True)
+    print(f"slowest cells (all of them in {run_dir(run).profile.relative_to(project_root())}):\n{slowest_cells(profiled)}",
+          flush=True)
     return 0
 
 

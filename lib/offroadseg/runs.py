@@ -108,6 +108,11 @@ class Run:
         return self.dir / "ensemble.json"
 
     @property
+    def profile(self) -> Path:
+        """profile.json: where each notebook's time went, cell by cell (the runner writes it)."""
+        return self.dir / "profile.json"
+
+    @property
     def metrics(self) -> Path:
         """metrics.json: notebook 06's comparison of every model."""
         return self.dir / "metrics.json"

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
 
-from .device import device_name, tensor_cores
+from .device import device_name, keep_freed_memory, tensor_cores
 
 # ------------------------------------------------------------------ how the steps run on the device
 
@@ -46,13 +46,16 @@ def training_backends(device: torch.device):
     On CUDA: cudnn.benchmark (times the convolution algorithms once per input shape and keeps the
     fastest: a win when every batch has the training size, for a few slow first steps) and
     TF32 matrix products for what runs in fp32 (`set_float32_matmul_precision("high")`: the loss,
-    fp32 runs; Ampere and newer). Nothing changes on a CPU.
+    fp32 runs; Ampere and newer). On a CPU, glibc's malloc is asked to keep freed memory
+    (`device.keep_freed_memory`: for the rest of the process, not only the block).
     """
     benchmark, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
     try:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")
+        else:
+            keep_freed_memory()
         yield
     finally:
         torch.backends.cudnn.benchmark = benchmark

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import find_dataset
+from ..device import keep_freed_memory
 from ..files import read_json
 from ..profiles import Profile, get_profile
 from ..runs import PRODUCERS, Run, RunMismatch, project_root, record_step, run_dir
@@ -125,6 +126,7 @@ def start(step: str, run: str, profile: str, data: str | os.PathLike | None = No
     notebook's start in run.json (`record`: False in every process but the first of a training
     command under a launcher, which records it once)."""
     run = os.environ.get(RUN_OVERRIDE_ENV) or run
+    keep_freed_memory()  # the notebook's training and scoring on a CPU reuse freed memory (device.keep_freed_memory)
     folder = run_dir(run)
     chosen = get_profile(profile)
     note = check_same_run(folder, profile, data_root_of(data))
