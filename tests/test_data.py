@@ -3,6 +3,7 @@ import pytest
 from helpers import TEST, TRAIN, make_small_dataset, split_dir, stripes_mask, write_pair
 from PIL import Image
 
+from offroadseg import data
 from offroadseg.classes import IGNORE_INDEX, INDEX_TO_RAW, RAW_IDS
 from offroadseg.data import DataError, find_dataset, read_image, read_mask, read_raw_mask, write_raw_mask
 
@@ -193,3 +194,26 @@ def test_a_truncated_image_is_closed_when_it_fails_to_decode(tmp_path):
             read_image(image_path)
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.parametrize("pixels", [
+    np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8),  # a photo, odd sizes
+    np.random.default_rng(1).integers(0, 256, (9, 7), dtype=np.uint8),
+    np.array([[0, 100, 10000], [65535, 7100, 550]], dtype=np.uint16),  # raw IDs, 16-bit
+])
+def test_encode_png_is_lossless_and_any_reader_opens_it(pixels, tmp_path):
+    encoded = data.encode_png(pixels)
+    (tmp_path / "x.png").write_bytes(encoded)
+    with Image.open(tmp_path / "x.png") as image:
+        image.load()  # PIL checks every chunk's CRC and the zlib stream
+        assert image.size == (pixels.shape[1], pixels.shape[0])
+        back = np.asarray(image)
+    assert back.shape == pixels.shape and np.array_equal(back.astype(np.int64), pixels.astype(np.int64))
+    if pixels.dtype == np.uint16:  # 16-bit masks stay 16-bit: read_raw_mask gives the same raw IDs
+        assert np.array_equal(data.read_raw_mask(tmp_path / "x.png"), pixels)
+
+
+def test_encode_png_refuses_what_it_cannot_write():
+    for bad in (np.zeros((4, 4), dtype=np.float32), np.zeros((4, 4, 4), dtype=np.uint8), np.zeros((4, 4, 3), np.uint16)):
+        with pytest.raises(ValueError, match="encode_png takes"):
+            data.encode_png(bad)
