@@ -118,7 +118,10 @@ def assert_same_history(a: list[dict], b: list[dict]):
             if not isinstance(values_a, list):
                 values_a, values_b = [values_a], [values_b]
             for x, y in zip(values_a, values_b, strict=True):
-                assert (x is None and y is None) or x == pytest.approx(y, rel=1e-5, abs=1e-6), (row_a["epoch"], key)
+                if isinstance(x, str) or x is None:
+                    assert x == y, (row_a["epoch"], key)
+                else:
+                    assert x == pytest.approx(y, rel=1e-5, abs=1e-6), (row_a["epoch"], key)
 
 
 # ---------------------------------------------------------------------------------- fit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +157,69 @@ def test_choose_weight_breaks_ties_towards_an_even_blend():
     best, table = choose_weight(perfect, perfect, labelled_loader(), grid=[0.0, 0.2, 0.6, 1.0], device="cpu")
     assert all(row["miou"] == pytest.approx(1.0) for row in table)
     assert best == 0.6
+
+
+# ------------------------------------------------------------------ slide inference
+
+
+@pytest.mark.parametrize("length, window, overlap", [(540, 160, 1 / 3), (960, 288, 0.5), (100, 100, 0.2), (50, 64, 0.0),
+                                                     (513, 512, 0.25)])
+def test_windows_cover_every_pixel_overlap_as_asked_and_end_flush(length, window, overlap):
+    from offroadseg.ensemble import window_starts
+
+    starts = window_starts(length, window, overlap)
+    assert starts[0] == 0 and starts == sorted(set(starts))
+    covered = np.zeros(max(length, window), dtype=int)
+    for start in starts:
+        covered[start:start + window] += 1
+    assert (covered[:length] >= 1).all()
+    if length > window:
+        assert starts[-1] == length - window  # the last window flush with the end, none beyond it
+        assert all(b - a <= window * (1 - overlap) + 1e-9 for a, b in zip(starts, starts[1:]))  # at least that overlap
+
+
+def test_bad_overlaps_and_scales_are_refused():
+    from offroadseg.ensemble import SlidingWindow, window_starts
+
+    for overlap in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="overlap"):
+            window_starts(10, 4, overlap)
+    with pytest.raises(ValueError, match="scale"):
+        SlidingWindow(nn.Identity(), (4, 4), scale=0)
+
+
+def test_slide_gives_a_pointwise_model_its_whole_frame_probabilities_whatever_the_windows():
+    """A 1x1-conv model sees each pixel alone, so averaging the windows' probabilities over the
+    windows covering each pixel must give exactly the whole frame's: the weights are right and no
+    pixel is missed, with overlaps, an uneven last window and a frame smaller than the window."""
+    from offroadseg.ensemble import SlidingWindow
+
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 10, 1)
+    for height, width, window, overlap in ((54, 96, (16, 28), 1 / 3), (54, 96, (20, 20), 0.0), (10, 12, (16, 28), 0.5)):
+        x = torch.randn(2, 3, height, width)
+        slid = SlidingWindow(model, window, overlap, batch=3)(x)
+        assert slid.shape == (2, 10, height, width)
+        assert torch.allclose(slid, model(x).softmax(dim=1), atol=1e-6)
+    # scale: the frame is resized first and the probabilities back: a pointwise model gives the resized frame's.
+    x = torch.randn(1, 3, 40, 60)
+    half = SlidingWindow(model, (16, 16), 0.25, scale=0.5)(x)
+    expected = F.interpolate(model(F.interpolate(x, size=(20, 30), mode="bilinear", align_corners=False)).softmax(1),
+                             size=(40, 60), mode="bilinear", align_corners=False)
+    assert torch.allclose(half, expected, atol=1e-6)
+
+
+def test_predict_labels_slides_frames_at_their_own_size():
+    from offroadseg.evaluate import predict_labels
+
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 10, 1)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (30, 50, 3), dtype=np.uint8), rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)]
+    slid = predict_labels(model, frames, input_size=(16, 16), slide=0.25)
+    assert [labels.shape for labels in slid] == [(30, 50), (24, 40)]
+    # pointwise: the same labels as the whole frame normalised at its own size (no resize at all)
+    whole = [predict_labels(model, [frame], input_size=frame.shape[:2])[0] for frame in frames]
+    assert all(np.array_equal(a, b) for a, b in zip(slid, whole))
+    with pytest.raises(ValueError, match="input_size"):
+        predict_labels(model, frames, slide=0.25)

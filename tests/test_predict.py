@@ -181,6 +181,22 @@ def test_cli_tta_option_and_no_color(checkpoint, tmp_path, capsys):
     assert "--tta" in capsys.readouterr().err
 
 
+def test_cli_slide_predicts_each_frame_at_its_own_resolution_in_windows(checkpoint, onnx_file, tmp_path, capsys):
+    folder = images_folder(tmp_path / "frames", sizes=((40, 64), (27, 50)), jpeg_too=False)
+    for model, out in ((checkpoint, tmp_path / "pt"), (onnx_file, tmp_path / "onnx")):  # ONNX: windows of its fixed size
+        assert predict.main([str(model), str(folder), "--out", str(out), "--tta", "none", "--slide", "0.25",
+                             "--quiet"]) == 0
+        assert "slide: windows overlapping by 0.25" in capsys.readouterr().err
+    plain = load_model(checkpoint)
+    for stem in ("png0", "png1"):
+        frame = np.asarray(Image.open(folder / f"{stem}.png").convert("RGB"))
+        reference = evaluate.predict_labels(plain, [frame], INPUT, slide=0.25)[0]
+        assert np.array_equal(read_mask(tmp_path / "pt" / "raw" / f"{stem}.png"), reference)
+        assert (read_mask(tmp_path / "onnx" / "raw" / f"{stem}.png") == reference).mean() >= 0.99
+    assert predict.main([str(checkpoint), str(folder), "--out", str(tmp_path / "x"), "--slide", "1.5"]) == 2
+    assert "--slide 1.5" in capsys.readouterr().err
+
+
 def test_cli_skips_unreadable_and_non_image_files_by_name(checkpoint, tmp_path, capsys):
     folder = images_folder(tmp_path / "frames", sizes=((24, 40),), jpeg_too=False)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

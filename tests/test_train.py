@@ -44,10 +44,25 @@ def test_teacher_trains_as_notebook_02_does_scanning_first_and_a_second_call_reu
     assert len(read_json(run.history("segformer"))) == 1
 
 
+def test_average_scores_the_last_kept_epochs_of_a_model(project, capsys):
+    data = str(project / "data")
+    small = ["--data", data, "--run", "r", "--set", "image_size=[32, 48]", "--set", "batch_size=2"]
+    assert train.main(["teacher", "--model", "segformer", *small, "--set", "epochs=2", "--set", "keep_epochs=2"]) == 0
+    capsys.readouterr()
+    assert train.main(["average", "--model", "segformer", "--last", "2", "--data", data, "--run", "r"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert_names(line, "models/segformer_avg2/best.pt", "epochs [1, 2] of segformer averaged", "val mIoU",
+                 "(its best.pt")
+    assert train.main(["average", "--model", "segformer", "--last", "3", "--data", data, "--run", "r"]) == 2
+    assert_names(capsys.readouterr().err, "holds 2 epoch file(s), 3 needed", "--set keep_epochs=3")
+
+
 @pytest.mark.parametrize("argv, parts", [
     (["teacher", "--set", "alpha=0.5"], ["--set alpha", "`teacher` has no such parameter", "epochs", "image_size"]),
     (["adapt", "--set", "depth=3"], ["--set depth", "adapt_threshold", "temperature"]),
     (["student", "--model", "deeplab"], ["--model chooses a teacher", "--set model=NAME"]),
+    (["teacher", "--model", "student"], ["--model student", "segformer, deeplab, both"]),
+    (["average", "--last", "1"], ["average takes --model", "--last 2 or more"]),
     (["teacher", "--track", "nonsense"], ["--track nonsense", "tensorboard", "wandb"]),
     (["teacher", "--run", "../up"], ["--run"]),
 ])

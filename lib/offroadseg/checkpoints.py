@@ -42,7 +42,7 @@ CHECKPOINT_FORMAT = 1
 # Settings a resumed run may change; all others (and the model spec, number of processes
 # and train-set size) must match last.pt, or resuming would silently train a different run.
 RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "max_bad_steps", "channels_last", "compile",
-                     "sync_every")
+                     "sync_every", "keep_epochs")
 
 
 class CheckpointError(RuntimeError):

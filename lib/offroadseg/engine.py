@@ -27,15 +27,14 @@ from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator, notebook_launcher
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import checkpoints
+from .averaging import WeightEMA, keep_epoch
 from .classes import NUM_CLASSES
-from .device import default_device, resolve_precision
 from .evaluate import evaluate_model
 from .files import write_json
 from .losses import cross_entropy
@@ -48,6 +47,7 @@ from .train_step import (
     backend_line,
     backend_record,
     guarded_step,
+    make_accelerator,
     memory_format,
     out_of_memory_advice,
     training_backends,
@@ -73,47 +73,11 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC activations (tensor cores' layout); None = where the GPU has tensor cores
     compile: bool = False  # torch.compile the model: minutes of compiling, so it pays only on long GPU runs
     sync_every: int = 50  # read the steps' losses and skip verdicts from the device every this many steps
+    ema: float = 0.0  # decay of a moving average of the weights (e.g. 0.999), validated beside them; 0 = off
+    keep_epochs: int = 0  # the last this many epochs' weights kept in epochs/ (checkpoint averaging); 0 = none
 
 
 # ------------------------------------------------------------------ optimisation set-up
-
-
-def process_state() -> PartialState:
-    """Accelerate's process state (which process of how many; under torchrun it joins the group). cpu=True
-    without a CUDA GPU, so that a CPU launch runs DDP over gloo instead of falling back to one process."""
-    return PartialState(cpu=default_device().type != "cuda")
-
-
-def make_accelerator(precision: str = "auto", track: Sequence[str] = (), track_dir=None) -> Accelerator:
-    """Accelerate's Accelerator for a TrainConfig.precision, the precision decided once, here, on this
-    process's own GPU (`device.resolve_precision`): accelerate's process state is made first, which
-    sets each process's GPU, so that no process asks (and opens a CUDA context on) GPU 0. `track`:
-    accelerate's trackers (`tracking.check_trackers`) writing under `track_dir`."""
-    state = process_state()
-    mixed_precision = resolve_precision(precision, state.device)
-    # non_blocking: batches go to the GPU from pinned memory without the host waiting for the
-    # copy (a blocking copy is a host sync per batch, which leaves the GPU idle meanwhile).
-    settings = dict(mixed_precision=mixed_precision, cpu=state.device.type == "cpu",
-                    dataloader_config=DataLoaderConfiguration(non_blocking=True),
-                    log_with=list(track) or None, project_dir=None if track_dir is None else str(track_dir))
-    try:
-        return Accelerator(**settings)
-    except ValueError as err:
-        # Accelerate keeps its state per process; in a single process (a notebook that trains
-        # one model in bf16, then another in fp32) it is safe to start it over.
-        if "already been initialized" not in str(err) or PartialState().num_processes > 1:
-            raise
-        restart_accelerate_state()
-        return Accelerator(**settings)
-
-
-def restart_accelerate_state() -> None:
-    """Forget accelerate's process-wide state, so that an Accelerator of another precision can be made.
-
-    Accelerate has no public way to do this (its notebook_launcher and its own tests call this same
-    private method); the one place it is called, pinned by
-    tests/test_engine.py::test_mixed_precision_path_and_switching_precision_in_one_process."""
-    AcceleratorState._reset_state()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -212,6 +176,7 @@ def fit(
         optimizer, scheduler, _ = make_optimizer(model, config, len(loaders.train))  # on the pruned weights
         layout = memory_format(config, accelerator.device)
         model = model.to(memory_format=layout)
+        ema = WeightEMA(model, config.ema).to(accelerator.device) if config.ema else None  # before compile: a plain copy
         if config.compile:
             model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
         prepared, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
@@ -220,7 +185,7 @@ def fit(
             if len(train_loader) == 0:
                 raise ValueError(f"{len(train_set)} train samples make no full batch of {config.batch_size} "
                                  f"on each of {accelerator.num_processes} processes; lower batch_size")
-            record = resume(checkpoint, resume_path, optimizer, scheduler, accelerator, config.epochs)
+            record = resume(checkpoint, resume_path, optimizer, scheduler, accelerator, config.epochs, ema)
             del checkpoint  # its tensors are loaded; free the memory
             backend = backend_record(accelerator, config, layout, loaders.workers)
             if record.start_epoch <= config.epochs:  # a batch too large for the GPU shows here, in seconds
@@ -254,6 +219,8 @@ def fit(
                         loss, verdict = guarded_step(prepared, optimizer, accelerator, images, masks, loss_fn,
                                                      step_loss, config.grad_clip)
                     scheduler.step()  # skipped steps too: the schedule counts batches, so it spans the same epochs
+                    if ema is not None:
+                        ema.update(model)
                     stats.add(loss, verdict, len(images))
                     skips.record(epoch, step, verdict)
                     if skips.due():
@@ -266,16 +233,22 @@ def fit(
                 train = TrainedEpoch(*stats.totals(accelerator), time.perf_counter() - started, skips.in_epoch,
                                      skips.overflows_in_epoch)
 
-                # validation, on the plain module, with process 0's BatchNorm statistics
-                share_process_0_buffers(model, accelerator)
+                # validation, on the plain module (and its moving average), with process 0's BatchNorm statistics
+                share_process_0_buffers(model, accelerator, ema)
                 with out_of_memory_advice(config, None, epoch, None, out_dir):
                     val = evaluate(model, loaders.val, loss_fn, accelerator)
+                    ema_val = evaluate(ema.module, loaders.val, loss_fn, accelerator) if ema else None
 
-                row = history_row(epoch, train, val, scheduler.get_last_lr()[0], started, backend)
+                use_ema = ema_val is not None and ema_val["miou"] > val["miou"]  # the better weights count for the epoch
+                row = history_row(epoch, train, ema_val if use_ema else val, scheduler.get_last_lr()[0], started,
+                                  backend, None if ema is None else {"raw_val_miou": val["miou"], "ema_val_miou":
+                                                                     ema_val["miou"], "weights": "ema" if use_ema else "raw"})
+                val = ema_val if use_ema else val
+                best_weights = ema.module if use_ema else model
                 improved = record.add(row, val["miou"], skips.total)
                 if accelerator.is_main_process:
                     save_epoch(out_dir, record, improved, model, optimizer, scheduler, accelerator.scaler,
-                               config, setup, inference_record)
+                               config, setup, inference_record, best_weights, ema)
                 log_epoch(accelerator, row)
                 say(epoch_line(row, config.epochs, train, val, improved))
         finally:
@@ -334,11 +307,13 @@ def load_resume_weights(model: nn.Module, out_dir: Path, config: TrainConfig,
 
 
 def resume(checkpoint: dict | None, path: Path | None, optimizer, scheduler, accelerator: Accelerator,
-           epochs: int) -> RunRecord:
-    """A fresh record, or the checkpoint's, with its optimizer, schedule and grad scaler restored."""
+           epochs: int, ema: WeightEMA | None = None) -> RunRecord:
+    """A fresh record, or the checkpoint's, with its optimizer, schedule, grad scaler and weight average restored."""
     if checkpoint is None:
         return RunRecord()
     checkpoints.restore_training_state(checkpoint, optimizer, scheduler, accelerator.scaler)
+    if ema is not None:
+        ema.load_state_dict(checkpoint["ema"])
     record = RunRecord(list(checkpoint["history"]), checkpoint["best_miou"], checkpoint["best_epoch"],
                        checkpoint["skipped_steps"], start_epoch=checkpoint["epoch"] + 1)
     if record.start_epoch > epochs:
@@ -348,12 +323,12 @@ def resume(checkpoint: dict | None, path: Path | None, optimizer, scheduler, acc
     return record
 
 
-def share_process_0_buffers(model: nn.Module, accelerator: Accelerator) -> None:
+def share_process_0_buffers(model: nn.Module, accelerator: Accelerator, ema: WeightEMA | None = None) -> None:
     """DDP copies process 0's BatchNorm buffers at the start of each forward, so after the last
-    step each process holds buffers updated from its own batch: take process 0's, so validation
-    and the checkpoint see one model."""
+    step each process holds buffers updated from its own batch (and averages of them): take
+    process 0's, so validation and the checkpoint see one model."""
     if accelerator.num_processes > 1:
-        for buffer in model.buffers():
+        for buffer in [*model.buffers(), *(ema.module.buffers() if ema else ())]:
             torch.distributed.broadcast(buffer, src=0)
 
 
@@ -361,10 +336,13 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def history_row(epoch: int, train: TrainedEpoch, val: dict, lr: float, started: float, backend: dict) -> dict:
+def history_row(epoch: int, train: TrainedEpoch, val: dict, lr: float, started: float, backend: dict,
+                averages: dict | None = None) -> dict:
     """One epoch of history.json (NaN scores as null); `started` is when the epoch began, `backend`
-    how it trained (`backend_record`). `RunRecord.add` adds the best epoch so far."""
-    return {
+    how it trained (`backend_record`). With a moving average of the weights, `val` holds the scores
+    of the better weights of the two (those a best.pt of this epoch holds), and `averages` adds
+    raw_val_miou, ema_val_miou and weights ("ema" or "raw"). `RunRecord.add` adds the best epoch so far."""
+    row = {
         "epoch": epoch,
         "train_loss": _json_safe(train.loss),
         "val_loss": _json_safe(val["loss"]),
@@ -377,26 +355,38 @@ def history_row(epoch: int, train: TrainedEpoch, val: dict, lr: float, started: 
         "skipped_steps": train.skipped,
         "backend": backend,
     }
+    row.update({key: _json_safe(value) for key, value in (averages or {}).items()})
+    return row
 
 
 def save_epoch(out_dir: Path, record: RunRecord, improved: bool, model: nn.Module, optimizer, scheduler, scaler,
-               config: TrainConfig, setup: dict, inference_record: dict | None) -> None:
-    """best.pt when `improved`, last.pt (the old one kept as previous.pt), history.json: every file
-    replaced atomically (process 0 only)."""
-    state = checkpoints.checkpoint_state(
-        epoch=record.history[-1]["epoch"], model=model, spec=setup["spec"], optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler, best_miou=record.best_miou, best_epoch=record.best_epoch, skipped_steps=record.skipped_steps,
-        history=record.history, config=asdict(config), setup=setup, inference=inference_record,
-    )
+               config: TrainConfig, setup: dict, inference_record: dict | None, best_weights: nn.Module,
+               ema: WeightEMA | None) -> None:
+    """best.pt (`best_weights`, the raw model or its moving average) when `improved`, last.pt (the raw
+    weights and the average's state; the old one kept as previous.pt), the epoch's weights under
+    epochs/ (the last `keep_epochs`), history.json: every file replaced atomically (process 0 only)."""
+    epoch = record.history[-1]["epoch"]
+
+    def state(weights: nn.Module) -> dict:
+        return {**checkpoints.checkpoint_state(
+            epoch=epoch, model=weights, spec=setup["spec"], optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            best_miou=record.best_miou, best_epoch=record.best_epoch, skipped_steps=record.skipped_steps,
+            history=record.history, config=asdict(config), setup=setup, inference=inference_record),
+            "weights": "ema" if weights is not model else "raw", "ema": ema.state_dict() if ema else None}
+
+    last = state(model)
     if improved:
-        checkpoints.save_checkpoint(state, out_dir / "best.pt")
-    checkpoints.save_checkpoint(state, out_dir / "last.pt", keep_previous=True)
+        checkpoints.save_checkpoint(last if best_weights is model else state(best_weights), out_dir / "best.pt")
+    checkpoints.save_checkpoint(last, out_dir / "last.pt", keep_previous=True)
+    if config.keep_epochs:
+        keep_epoch(out_dir, epoch, last, config.keep_epochs)
     write_json(out_dir / "history.json", record.history)
 
 
 def epoch_line(row: dict, epochs: int, train: TrainedEpoch, val: dict, improved: bool) -> str:
+    ema = f" (raw {row['raw_val_miou']:.4f}, EMA {row['ema_val_miou']:.4f})" if "weights" in row else ""
     return (f"epoch {row['epoch']}/{epochs}  train_loss {train.loss:.4f}  val_loss {val['loss']:.4f}  "
-            f"val_mIoU {val['miou']:.4f}  pixel_acc {val['pixel_acc']:.4f}  lr {row['lr']:.2e}  "
+            f"val_mIoU {val['miou']:.4f}{ema}  pixel_acc {val['pixel_acc']:.4f}  lr {row['lr']:.2e}  "
             f"{row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s" + ("  *best" if improved else "")
             + (f"  ({train.skipped} steps skipped" + (f", {train.overflows} of them fp16 overflows while the grad "
                                                         f"scaler calibrated" if train.overflows else "") + ")"

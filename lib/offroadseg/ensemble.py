@@ -205,6 +205,83 @@ class TestTimeAugmentation(nn.Module):
         return tta_probs(self.model, x, self.flips, self.scales)
 
 
+# ------------------------------------------------------------------ sliding windows
+
+
+def window_starts(length: int, window: int, overlap: float) -> list[int]:
+    """Start offsets of windows of `window` pixels along `length` that overlap by at least `overlap`
+    (a share of the window, 0 <= overlap < 1) and cover every pixel, the last one flush with the end."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
+    if length <= window:
+        return [0]
+    stride = max(1, int(window * (1.0 - overlap)))
+    count = math.ceil((length - window) / stride) + 1
+    return sorted({min(index * stride, length - window) for index in range(count)})
+
+
+def slide_probs(predictor: Callable, x: torch.Tensor, window, overlap: float = 1 / 3, batch: int = 8,
+                scale: float = 1.0) -> torch.Tensor:
+    """Probabilities (N, C, H, W) of `predictor` over `x` (N, 3, H, W) at its own resolution, window by window.
+
+    MMSegmentation's "slide" inference: windows of `window` (height, width; the model's input size)
+    overlapping by `overlap`, run `batch` at a time; each window's probabilities (a softmax of its
+    logits, unless the predictor `returns_probs`) are added where it lies and the sum divided by the
+    number of windows over each pixel. A frame smaller than the window along a side is padded there
+    (the padding's predictions are dropped), so every pixel is predicted at the model's own scale.
+    `scale` resizes `x` first (bilinear; e.g. to the scale the model was trained at) and the
+    probabilities back to `x`'s size.
+    """
+    if scale != 1.0:
+        size = x.shape[-2:]
+        scaled = _resize(x, (max(1, round(size[0] * scale)), max(1, round(size[1] * scale))))
+        return _resize(slide_probs(predictor, scaled, window, overlap, batch), size)
+    n, _, height, width = x.shape
+    win_h, win_w = int(window[0]), int(window[1])
+    pad_h, pad_w = max(0, win_h - height), max(0, win_w - width)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    boxes = [(top, left) for top in window_starts(x.shape[-2], win_h, overlap)
+             for left in window_starts(x.shape[-1], win_w, overlap)]
+    total, count = None, torch.zeros(1, 1, x.shape[-2], x.shape[-1], device=x.device)
+    for start in range(0, len(boxes), max(1, batch // n)):
+        chunk = boxes[start:start + max(1, batch // n)]
+        crops = torch.cat([x[..., top:top + win_h, left:left + win_w] for top, left in chunk])
+        probs = probabilities(predictor, crops, (win_h, win_w))
+        if total is None:
+            total = torch.zeros(n, probs.shape[1], x.shape[-2], x.shape[-1], device=x.device)
+        for index, (top, left) in enumerate(chunk):
+            total[..., top:top + win_h, left:left + win_w] += probs[index * n:(index + 1) * n]
+            count[..., top:top + win_h, left:left + win_w] += 1
+    return (total / count)[..., :height, :width]
+
+
+class SlidingWindow(nn.Module):
+    """A predictor run window by window over frames at their own resolution: forward returns PROBABILITIES.
+
+    `SlidingWindow(model, window=(512, 512), overlap=1/3)(x)` is `slide_probs(model, x, ...)`: feed it
+    frames at native resolution (not resized to the model input), as `evaluate.predict_labels(...,
+    input_size=None)` and a native-size loader do. Wraps any predictor: a model, an `Ensemble`, a
+    `TestTimeAugmentation` (flips inside each window) or an ONNX session of the window's size.
+    """
+
+    returns_probs = True
+
+    def __init__(self, model: Callable, window, overlap: float = 1 / 3, batch: int = 8, scale: float = 1.0):
+        super().__init__()
+        window_starts(1, 1, overlap)  # checks overlap now, not at the first frame
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.model = model
+        self.window = (int(window[0]), int(window[1]))
+        self.overlap = float(overlap)
+        self.batch = batch
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return slide_probs(self.model, x, self.window, self.overlap, self.batch, self.scale)
+
+
 # ------------------------------------------------------------------ choosing the blend
 
 

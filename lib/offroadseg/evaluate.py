@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .classes import CLASS_NAMES, INDEX_TO_RAW, NUM_CLASSES
 from .data import DataError, read_image, read_mask, write_image, write_raw_mask
 from .device import default_device, inference_autocast, keep_freed_memory, model_device, on_device, synchronize
-from .ensemble import TestTimeAugmentation, upsampled_argmax
+from .ensemble import SlidingWindow, TestTimeAugmentation, upsampled_argmax
 from .files import write_json
 from .metrics import confusion_matrix, per_class, scores
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, frames_to_batch
@@ -159,7 +159,7 @@ class _Clock:
 @torch.inference_mode()
 def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequence[str] = (), scales=None,
                    precision: str = "auto", mean=IMAGENET_MEAN, std=IMAGENET_STD, return_log_probs: bool = False,
-                   timings: dict | None = None):
+                   timings: dict | None = None, slide: float | None = None):
     """THE prediction path: class-index maps (uint8 numpy, one per image) from any predictor.
 
     `images`: uint8 RGB frames (a list of H x W x 3 arrays or tensors, sizes may differ), resized
@@ -174,10 +174,28 @@ def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequen
     `device.inference_autocast(device, precision)`. `flips`/`scales` wrap it in test-time
     augmentation. Logits or probabilities (`returns_probs`) both work: the argmax needs no softmax.
 
+    `slide` (an overlap, e.g. 1/3): slide inference (`ensemble.SlidingWindow`): uint8 frames are
+    normalised at their own resolution, not resized (a float batch is taken as at its own), and the
+    model runs on windows of `input_size` overlapping by that share (TTA inside each window);
+    frames of different sizes run one by one.
+
     `return_log_probs=True` returns (labels, log_probs): fp32 log-probabilities (N, C, h, w) at
     the model's output size, on the device (what uncertainty measures need). `timings` (a dict)
     accumulates seconds per stage: "preprocess", "model", "upsample_argmax".
     """
+    window = None
+    if slide is not None:
+        if input_size is None:
+            raise ValueError("slide inference needs the model's input_size (its window)")
+        window = tuple(int(side) for side in input_size)
+        if not (isinstance(images, torch.Tensor) and images.is_floating_point()):
+            images = list(images)
+            if len({tuple(frame.shape[:2]) for frame in images}) > 1:  # one native size per call
+                if return_log_probs:
+                    raise ValueError("slide inference returns log-probabilities for frames of one size only")
+                return [predict_labels(predictor, [frame], window, None, flips, scales, precision, mean, std,
+                                       timings=timings, slide=slide)[0] for frame in images]
+            input_size = tuple(images[0].shape[:2])  # frames normalised as they are: the windows do the rest
     device = model_device(predictor)
     clock = _Clock(timings, device)
     if isinstance(images, torch.Tensor) and images.is_floating_point():
@@ -198,6 +216,8 @@ def predict_labels(predictor, images, input_size=None, sizes=None, flips: Sequen
         native = sizes
     clock.lap("preprocess")
     model = TestTimeAugmentation(predictor, flips=tuple(flips), scales=scales) if (flips or scales) else predictor
+    if window is not None:
+        model = SlidingWindow(model, window, slide)
     with on_device(predictor), inference_autocast(device, precision):
         out = model(x)
     out = out.float()
@@ -233,7 +253,7 @@ def write_prediction(out_dir, stem: str, labels: np.ndarray, image: np.ndarray |
 def predict_files(predictor, paths: Sequence, out_dir, input_size, batch_size: int = 4, flips: Sequence[str] = (),
                   scales=None, precision: str = "auto", color: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   skip_unreadable: bool = False, progress: bool = True, desc: str = "predict",
-                  background_writes: bool = True) -> dict:
+                  background_writes: bool = True, slide: float | None = None) -> dict:
     """Predict every image file of `paths` into `out_dir`/raw (and /color), at each image's own size.
 
     Files are decoded (`data.read_image`), predicted `batch_size` at a time (`predict_labels`) and
@@ -244,7 +264,7 @@ def predict_files(predictor, paths: Sequence, out_dir, input_size, batch_size: i
     otherwise its DataError stops the run. Returns {"written": [raw paths], "skipped": [(path,
     reason)], "images", "seconds" (end to end), "timings" {stage: busy seconds: decode, preprocess,
     model, upsample_argmax, encode (overlay + PNGs; overlapping the others when in the background)},
-    "class_pixels" (int64 per class)}.
+    "class_pixels" (int64 per class)}. `slide`: slide inference with that overlap (`predict_labels`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -272,7 +292,7 @@ def predict_files(predictor, paths: Sequence, out_dir, input_size, batch_size: i
 
     def flush(batch, pool):
         labels = predict_labels(predictor, [image for _, image in batch], input_size, flips=flips, scales=scales,
-                                precision=precision, mean=mean, std=std, timings=timings)
+                                precision=precision, mean=mean, std=std, timings=timings, slide=slide)
         for label in labels:
             class_pixels[:] += np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
         if pool is None:

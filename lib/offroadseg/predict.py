@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder (raw/ and color/ go inside; a video's <stem>_overlay.<ext> too)")
     parser.add_argument("--tta", default="auto", help="auto (the flips the model records), none, or e.g. h,v")
     parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
+    parser.add_argument("--slide", type=float, default=None, metavar="OVERLAP",
+                        help="slide inference: the frame at its own resolution in windows of the model's input size "
+                             "overlapping by OVERLAP (e.g. 0.33); several times slower (default: the frame resized)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="checkpoints: autocast dtype (auto: bf16/fp16 on a GPU, fp32 on a CPU); ONNX runs as exported")
@@ -257,6 +260,8 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.slide is not None and not 0 <= args.slide < 1:
+        raise UsageError(f"--slide {args.slide}: the windows' overlap, a share in [0, 1) such as 0.33")
     out_dir = Path(args.out)
     files, videos, skipped, ignored = collect_inputs(args.inputs, out_dir)
     if videos and args.no_color and not args.frames:
@@ -274,10 +279,11 @@ def run(args) -> int:
     height, width = info["input_size"]
     what = ", ".join(part for part in (f"{len(files)} image(s)" if files else "",
                                        f"{len(videos)} video(s)" if videos else "") if part)
-    print(f"{args.model} ({kind}): input {height}x{width}, TTA {'+'.join(flips) or 'none'}; {what} -> {out_dir}",
+    slide = "" if args.slide is None else f" (slide: windows overlapping by {args.slide:.2f})"
+    print(f"{args.model} ({kind}): input {height}x{width}{slide}, TTA {'+'.join(flips) or 'none'}; {what} -> {out_dir}",
           file=sys.stderr)
     options = dict(batch_size=args.batch_size, flips=flips, precision=args.precision, mean=info["mean"],
-                   std=info["std"], progress=not args.quiet)
+                   std=info["std"], progress=not args.quiet, slide=args.slide)
     skipped_total = len(skipped)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -24,6 +24,8 @@ class ModelPlan:
     # Student only: a teacher role ("segformer"/"deeplab") of the same architecture whose best
     # checkpoint initialises the student before distillation (None: `pretrained` or from scratch).
     init_from: str | None = None
+    ema: float = 0.0  # decay of a moving average of the weights validated beside them (TrainConfig.ema); 0 = off
+    keep_epochs: int = 0  # the last epochs' weights kept for checkpoint averaging (TrainConfig.keep_epochs)
 
 
 @dataclass(frozen=True)

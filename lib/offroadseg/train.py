@@ -3,6 +3,7 @@
     python -m offroadseg.train teacher [--model segformer|deeplab|both] [options]   # notebooks 02 and 03
     python -m offroadseg.train student [options]                                    # notebook 05's student
     python -m offroadseg.train adapt [options]                                      # notebook 05's adapted student
+    python -m offroadseg.train average --model student --last 3 [options]           # its last 3 epochs averaged
 
     options: --profile demo|full  --run NAME  --data PATH  --set NAME=VALUE ...  --weights DIR
              --track tensorboard (repeatable; `all`: every tracker accelerate finds installed)
@@ -39,18 +40,24 @@ from dataclasses import dataclass
 
 from accelerate.utils import broadcast_object_list
 
+from .averaging import EPOCHS_DIR, average_checkpoints, kept_epochs
 from .chapters import context, distillation, new_desert, teachers
-from .chapters.assembly import model_plan, train_config
+from .chapters.assembly import model_plan, train_config, val_dataset
+from .checkpoints import load_model
 from .cli import UsageError, add_common_options, resolve_common
-from .engine import process_state
+from .dataset import eval_loader
+from .evaluate import evaluate_model
 from .files import read_json
 from .runs import RunLock, run_dir
 from .scan import load_or_scan, read_scan
 from .tracking import check_trackers
+from .train_step import process_state
 
-COMMANDS = ("teacher", "student", "adapt")
+COMMANDS = ("teacher", "student", "adapt", "average")
 ENTRY = "python -m offroadseg.train"  # how run.json names a step this command finished (`by`)
 TEACHER_CHOICES = ("segformer", "deeplab", "both")
+# What `average` averages: the roles fit trains (their last epochs kept with --set keep_epochs=K).
+AVERAGE_CHOICES = ("segformer", "deeplab", "student", "student_adapted")
 
 
 @dataclass
@@ -72,10 +79,10 @@ class Job:
         with self.state.main_process_first():
             return self.start_here(step, **parameters)
 
-    def start_here(self, step: str, **parameters) -> context.Context:
-        """`context.start` in this process alone (recording the step if it is process 0)."""
+    def start_here(self, step: str, record: bool = True, **parameters) -> context.Context:
+        """`context.start` in this process alone (recording the step if it is process 0 and `record`)."""
         return context.start(step, run=self.options.run, profile=self.options.profile, data=self.options.data,
-                             record=self.main, **parameters)
+                             record=self.main and record, **parameters)
 
     def decide(self, value):
         """Process 0's `value`, on every process (a decision only process 0 can make, such as
@@ -154,6 +161,28 @@ def train_adapted(job: Job) -> None:
         context.finish(ctx, adapted_best_val_miou=best["val_miou"], adapted_images=len(record["images"]), by=ENTRY)
 
 
+def average_epochs(job: Job, role: str, last: int) -> int:
+    """models/<role>_avg<last>/best.pt: the average of the last `last` kept epochs of models/<role>/
+    (`averaging.average_checkpoints`), scored on val at the masks' native size beside best.pt."""
+    ctx = job.start_here("averaging", record=False) if job.main else None
+    if ctx is None:
+        return 0
+    kept = kept_epochs(ctx.run.model_dir(role))
+    if len(kept) < last:
+        print(f"{ENTRY}: {ctx.rel(ctx.run.model_dir(role))}/{EPOCHS_DIR}/ holds {len(kept)} epoch file(s), {last} needed: "
+              f"train it with --set keep_epochs={last}", file=sys.stderr)
+        return 2
+    out = ctx.run.checkpoint(f"{role}_avg{last}")
+    record = average_checkpoints(kept[-last:], out)
+    scan = read_scan(context.require(ctx, "scan.json"))
+    loader = eval_loader(val_dataset(scan, ctx.profile.image_size, native_masks=True), 4)
+    scores = {name: evaluate_model(load_model(path), loader)["miou"] for name, path in
+              (("averaged", out), ("best.pt", ctx.run.require(ctx.run.checkpoint(role))))}
+    print(f"{ctx.rel(out)}: epochs {record['epochs']} of {role} averaged; val mIoU {scores['averaged']:.4f} "
+          f"(its best.pt {scores['best.pt']:.4f})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -161,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m offroadseg.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS, help="what to train")
-    parser.add_argument("--model", choices=TEACHER_CHOICES, default="both",
-                        help="teacher: which one (default: both, SegFormer then DeepLab)")
+    parser.add_argument("--model", choices=sorted(set(TEACHER_CHOICES + AVERAGE_CHOICES)), default=None,
+                        help="teacher: which one (default: both, SegFormer then DeepLab); average: whose epochs "
+                             "(default: student)")
+    parser.add_argument("--last", type=int, default=3, help="average: how many of the last kept epochs (default 3)")
     add_common_options(parser)
     parser.add_argument("--track", action="append", default=[], metavar="TRACKER",
                         help="log every epoch to this accelerate tracker too (tensorboard, wandb, mlflow, ...; "
@@ -172,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def valid_settings(command: str) -> tuple[str, ...]:
     """The --set names a command takes: its notebook's training parameters."""
+    if command == "average":
+        return ()
     if command == "teacher":
         return teachers.SETTINGS
     return distillation.SETTINGS + (new_desert.SETTINGS if command == "adapt" else ())
@@ -185,8 +218,14 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if unknown:
         raise UsageError(f"--set {', '.join(unknown)}: `{args.command}` has no such parameter; "
                          f"valid names: {', '.join(valid)}")
-    if args.model != parser.get_default("model") and args.command != "teacher":
-        raise UsageError(f"--model chooses a teacher; `{args.command}` trains the student (its architecture: --set model=NAME)")
+    if args.command in ("student", "adapt") and args.model is not None:
+        raise UsageError(f"--model chooses a teacher (or what `average` averages); `{args.command}` trains the student "
+                         "(its architecture: --set model=NAME)")
+    if args.command == "teacher" and args.model not in (None, *TEACHER_CHOICES):
+        raise UsageError(f"--model {args.model}: teacher takes {', '.join(TEACHER_CHOICES)}")
+    if args.command == "average" and (args.model not in (None, *AVERAGE_CHOICES) or args.last < 2):
+        raise UsageError(f"average takes --model {'|'.join(AVERAGE_CHOICES)} and --last 2 or more "
+                         f"(got {args.model}, {args.last})")
     try:
         track = check_trackers(args.track)
     except ValueError as err:
@@ -209,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = run_dir(options.run)
     # One runner at a time per run folder: a notebook run (./run_all.sh) or another training command.
     with RunLock(folder.dir, holder=ENTRY) if job.main else contextlib.nullcontext():
+        if args.command == "average":
+            return average_epochs(job, args.model or "student", args.last)
         if args.command == "teacher":
-            train_teachers(job, args.model)
+            train_teachers(job, args.model or "both")
         elif args.command == "student":
             train_student(job)
         else:

@@ -13,8 +13,9 @@ steps meanwhile are normal (torch's AMP documentation says so). Only an overflow
 1, where the gradients are non-finite however small the scaling, counts toward the stop. Running out of memory stops it with a message suggesting a
 smaller batch or input size (`out_of_memory_advice`). Either way last.pt holds the last finished epoch.
 
-How the steps run on the device lives here too: torch's global settings for the epochs
-(`training_backends`), the memory layout (`memory_format`) and the record of both (`backend_record`).
+How the steps run on the device lives here too: accelerate's process state and the Accelerator with
+the precision decided once (`process_state`, `make_accelerator`), torch's global settings for the
+epochs (`training_backends`), the memory layout (`memory_format`) and the record of them (`backend_record`).
 
 `config` below is the run's `engine.TrainConfig`, read for its settings (engine imports this
 module, so this one does not import engine).
@@ -27,16 +28,56 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import Dataset
 
-from .device import device_name, keep_freed_memory, tensor_cores
+from .device import default_device, device_name, keep_freed_memory, resolve_precision, tensor_cores
 
 # ------------------------------------------------------------------ how the steps run on the device
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state (which process of how many; under torchrun it joins the group). cpu=True
+    without a CUDA GPU, so that a CPU launch runs DDP over gloo instead of falling back to one process."""
+    return PartialState(cpu=default_device().type != "cuda")
+
+
+def make_accelerator(precision: str = "auto", track: Sequence[str] = (), track_dir=None) -> Accelerator:
+    """Accelerate's Accelerator for a TrainConfig.precision, the precision decided once, here, on this
+    process's own GPU (`device.resolve_precision`): accelerate's process state is made first, which
+    sets each process's GPU, so that no process asks (and opens a CUDA context on) GPU 0. `track`:
+    accelerate's trackers (`tracking.check_trackers`) writing under `track_dir`."""
+    state = process_state()
+    mixed_precision = resolve_precision(precision, state.device)
+    # non_blocking: batches go to the GPU from pinned memory without the host waiting for the
+    # copy (a blocking copy is a host sync per batch, which leaves the GPU idle meanwhile).
+    settings = dict(mixed_precision=mixed_precision, cpu=state.device.type == "cpu",
+                    dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                    log_with=list(track) or None, project_dir=None if track_dir is None else str(track_dir))
+    try:
+        return Accelerator(**settings)
+    except ValueError as err:
+        # Accelerate keeps its state per process; in a single process (a notebook that trains
+        # one model in bf16, then another in fp32) it is safe to start it over.
+        if "already been initialized" not in str(err) or PartialState().num_processes > 1:
+            raise
+        restart_accelerate_state()
+        return Accelerator(**settings)
+
+
+def restart_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that an Accelerator of another precision can be made.
+
+    Accelerate has no public way to do this (its notebook_launcher and its own tests call this same
+    private method); the one place it is called, pinned by
+    tests/test_engine.py::test_mixed_precision_path_and_switching_precision_in_one_process."""
+    AcceleratorState._reset_state()
 
 
 @contextlib.contextmanager

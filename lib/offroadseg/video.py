@@ -143,11 +143,11 @@ def _has_encoder(name: str) -> bool:
 
 def predict_video(predictor, clip, out_dir, input_size, batch_size: int = 4, flips: Sequence[str] = (),
                   precision: str = "auto", mean=IMAGENET_MEAN, std=IMAGENET_STD, overlay_video: bool = True,
-                  frames: bool = False, progress: bool = True) -> dict:
+                  frames: bool = False, progress: bool = True, slide: float | None = None) -> dict:
     """Segment every frame of `clip` into `out_dir`: the overlay video and/or raw-ID PNGs per frame.
 
     Frames are decoded as RGB, predicted `batch_size` at a time at the clip's own size
-    (`evaluate.predict_labels`, with `flips`, `precision`, `mean`/`std` as for images), then
+    (`evaluate.predict_labels`, with `flips`, `precision`, `mean`/`std`, `slide` as for images), then
     overlaid (`plots.overlay`) and encoded. Returns {"clip", "frames", "seconds" (end to end),
     "rate" (frames per second of the clip), "overlay" (path or None), "codec", "raw" (folder or
     None), "class_pixels" (int64 per class)}. A clip that cannot be opened, or that fails to
@@ -165,7 +165,8 @@ def predict_video(predictor, clip, out_dir, input_size, batch_size: int = 4, fli
 
     def flush(batch):
         nonlocal writer, count
-        labels = predict_labels(predictor, batch, input_size, flips=flips, precision=precision, mean=mean, std=std)
+        labels = predict_labels(predictor, batch, input_size, flips=flips, precision=precision, mean=mean, std=std,
+                                slide=slide)
         for image, label in zip(batch, labels):
             class_pixels[:] += np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
             if frames:

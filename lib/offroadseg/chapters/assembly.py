@@ -93,7 +93,8 @@ def batch_augmentation(image_size: tuple[int, int]) -> BatchAugment:
 
 def train_config(profile: Profile, plan: ModelPlan, **overrides) -> TrainConfig:
     config = TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr, patience=profile.patience,
-                         seed=profile.seed, num_workers=profile.workers, prune_decoder=profile.prune_decoder)
+                         seed=profile.seed, num_workers=profile.workers, prune_decoder=profile.prune_decoder,
+                         ema=plan.ema, keep_epochs=plan.keep_epochs)
     return with_settings(config, **overrides)
 
 

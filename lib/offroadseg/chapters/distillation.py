@@ -35,14 +35,14 @@ from .assembly import (
 # Notebook 05 (its step in run.json) and the parameters of its student (`python -m offroadseg.train student
 # --set` takes the same): the plan's (`plan_overrides`), the distillation's (`distill_overrides`), image_size.
 STEP = "05_distill"
-SETTINGS = ("model", "pretrained", "student_init", "epochs", "batch_size", "lr", "image_size", "alpha", "temperature",
-            "beta")
+SETTINGS = ("model", "pretrained", "student_init", "epochs", "batch_size", "lr", "image_size", "ema", "keep_epochs",
+            "alpha", "temperature", "beta")
 
 
 def plan_overrides(settings: dict) -> dict:
     """The student's `model_plan` keyword arguments from notebook 05's parameters (absent or None: the profile's)."""
     return {"name": settings.get("model"), "init_from": settings.get("student_init"),
-            **{key: settings.get(key) for key in ("pretrained", "epochs", "batch_size", "lr")}}
+            **{key: settings.get(key) for key in ("pretrained", "epochs", "batch_size", "lr", "ema", "keep_epochs")}}
 
 
 def distill_overrides(settings: dict) -> dict:

@@ -36,12 +36,13 @@ STEPS = {"segformer": "02_train_segformer", "deeplab": "03_train_deeplab"}
 TITLES = {"segformer": "SegFormer", "deeplab": "DeepLabV3+"}
 # The training parameters notebooks 02 and 03 take (and `python -m offroadseg.train teacher --set`);
 # model, pretrained, epochs, batch_size and lr go to the plan (`plan_overrides`), image_size to the run.
-SETTINGS = ("model", "pretrained", "epochs", "batch_size", "lr", "image_size")
+SETTINGS = ("model", "pretrained", "epochs", "batch_size", "lr", "image_size", "ema", "keep_epochs")
 
 
 def plan_overrides(settings: dict) -> dict:
     """`model_plan` keyword arguments from the parameters of `SETTINGS` (absent or None: the profile's)."""
-    return {"name": settings.get("model"), **{key: settings.get(key) for key in ("pretrained", "epochs", "batch_size", "lr")}}
+    return {"name": settings.get("model"),
+            **{key: settings.get(key) for key in ("pretrained", "epochs", "batch_size", "lr", "ema", "keep_epochs")}}
 
 
 def train_teacher(ctx, role: str, scan: dict, plan: ModelPlan, config: TrainConfig, progress: bool = True,
