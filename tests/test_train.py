@@ -47,8 +47,11 @@ def test_teacher_trains_as_notebook_02_does_scanning_first_and_a_second_call_reu
 def test_average_scores_the_last_kept_epochs_of_a_model(project, capsys):
     data = str(project / "data")
     small = ["--data", data, "--run", "r", "--set", "image_size=[32, 48]", "--set", "batch_size=2"]
-    assert train.main(["teacher", "--model", "segformer", *small, "--set", "epochs=2", "--set", "keep_epochs=2"]) == 0
+    assert train.main(["teacher", "--model", "segformer", *small, "--set", "epochs=2", "--set", "keep_epochs=2",
+                       "--set", "ema=0.9"]) == 0
     capsys.readouterr()
+    history = read_json(run_folder(project).history("segformer"))
+    assert all(row["weights"] in ("ema", "raw") for row in history)  # --set ema reached fit
     assert train.main(["average", "--model", "segformer", "--last", "2", "--data", data, "--run", "r"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert_names(line, "models/segformer_avg2/best.pt", "epochs [1, 2] of segformer averaged", "val mIoU",
