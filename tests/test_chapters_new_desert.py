@@ -12,6 +12,7 @@ from offroadseg.dataset import SegmentationDataset, eval_loader
 from offroadseg.evaluate import evaluate_model
 from offroadseg.files import read_json, write_json
 from offroadseg.profiles import DEMO, FULL, AdaptConfig, DistillConfig
+from offroadseg.scan import usable_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,3 +171,16 @@ def test_the_adaptation_verdict_compares_both_students_on_val_and_the_held_out_i
     without = new_desert.adaptation_comparison(ctx, scan, [])
     assert without["holdout"] is None and without["gain"] is None and without["helps"] is None
     assert "give adapt_holdout" in new_desert.adaptation_lines(without)
+
+
+def test_batchnorm_statistics_come_from_the_new_desert_both_deserts_or_nowhere(project, tmp_path):
+    ctx = start(project, "05_distill")
+    scan = read_json(ctx.run.scan)
+    new = sorted((unlabelled_folder(tmp_path / "new_desert", count=2)).glob("*.png"))
+    assert new_desert.batchnorm_images(scan, new, "new") == new
+    both = new_desert.batchnorm_images(scan, new, "both", seed=3)
+    assert both[:2] == new and len(both) == 4 and both == new_desert.batchnorm_images(scan, new, "both", seed=3)
+    assert {str(image) for image in both[2:]} <= {str(image) for image, _ in usable_pairs(scan, "train")}
+    assert new_desert.batchnorm_images(scan, new, "none") == []
+    with pytest.raises(ValueError, match="adapt_batchnorm='old'"):
+        new_desert.batchnorm_images(scan, new, "old")

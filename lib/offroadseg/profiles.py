@@ -51,6 +51,9 @@ class AdaptConfig:
     `min_accuracy`: the confidence rule keeps the lowest threshold whose kept val pixels are this
     often right; `threshold` forces one instead. `epochs`: the fine-tune's epochs (None: `epoch_share`
     of the student's, at least 1), after `warmup_epochs` of warm-up (it starts from trained weights).
+    `batchnorm`: where the adapted student's BatchNorm statistics are re-estimated after the
+    fine-tune: "new" (the new desert's images alone: a model for the new desert), "both" (those
+    images and as many training images: one model for both deserts) or "none" (the fine-tune's own).
     """
 
     images: str = "auto"
@@ -60,6 +63,7 @@ class AdaptConfig:
     epochs: int | None = None
     epoch_share: float = 0.25
     warmup_epochs: float = 0.1
+    batchnorm: str = "new"
 
 
 @dataclass(frozen=True)

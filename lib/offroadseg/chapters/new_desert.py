@@ -21,6 +21,7 @@ nor held out (`evaluation.adaptation_rows`). The settings are the profile's `Ada
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,9 +52,10 @@ AUTO_ADAPT = "auto"
 
 # Notebook 05's parameters of the adaptation (`python -m offroadseg.train adapt --set` takes the same), and
 # the AdaptConfig field each sets (`adapt_overrides`).
-SETTINGS = ("adapt", "adapt_holdout", "adapt_min_accuracy", "adapt_threshold", "adapt_epochs")
+SETTINGS = ("adapt", "adapt_holdout", "adapt_min_accuracy", "adapt_threshold", "adapt_epochs", "adapt_batchnorm")
 _CONFIG_FIELDS = {"adapt": "images", "adapt_holdout": "holdout", "adapt_min_accuracy": "min_accuracy",
-                  "adapt_threshold": "threshold", "adapt_epochs": "epochs"}
+                  "adapt_threshold": "threshold", "adapt_epochs": "epochs", "adapt_batchnorm": "batchnorm"}
+BATCHNORM_CHOICES = ("new", "both", "none")
 
 
 def adapt_overrides(settings: dict) -> dict:
@@ -207,6 +209,7 @@ class PreparedAdaptation:
     images: list  # the unlabelled images of the new desert
     threshold: float  # the confidence rule's
     holdout: list  # labelled held-out pairs of the new desert ([]: choose on val)
+    batchnorm_images: list  # what its BatchNorm statistics are re-estimated on ([]: left as the fine-tune made them)
 
 
 def prepare_adaptation(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, adapt: AdaptConfig,
@@ -244,17 +247,35 @@ def prepare_adaptation(ctx, scan: dict, plan: ModelPlan, config: TrainConfig, ad
           f"train set for {adapted.epochs} epoch(s), its best epoch chosen on {chosen_on}")
     write_adaptation_record(ctx, record)
     return PreparedAdaptation(record, adapted, adapted_config(config, adapted, adapt), images, rule["threshold"],
-                              holdout_pairs)
+                              holdout_pairs, batchnorm_images(scan, images, adapt.batchnorm, config.seed))
+
+
+def batchnorm_images(scan: dict, images: list, mode: str, seed: int = 0) -> list:
+    """The images the adapted student's BatchNorm statistics are re-estimated on (`AdaptConfig.batchnorm`):
+    "new" the new desert's `images`, "both" those and as many training images (a seeded draw), "none" []."""
+    if mode not in BATCHNORM_CHOICES:
+        raise ValueError(f"adapt_batchnorm={mode!r}: choose {', '.join(BATCHNORM_CHOICES)}")
+    if mode == "none":
+        return []
+    if mode == "both":
+        train = [image for image, _ in usable_pairs(scan, "train")]
+        return list(images) + random.Random(seed).sample(train, min(len(images), len(train)))
+    return list(images)
 
 
 def finish_adaptation(ctx, prepared: PreparedAdaptation) -> dict:
-    """After the adapted student trained: its BatchNorm statistics re-estimated on the new desert's images
-    (`adaptation.recalibrate_checkpoint`, printed) and adaptation.json completed. Returns the record."""
-    images = prepared.images
-    batchnorm = recalibrate_checkpoint(ctx.run.checkpoint(ADAPTED_STUDENT), images, ctx.profile.image_size)
-    print(f"BatchNorm statistics re-estimated on the {len(images)} images of the new desert "
-          f"({batchnorm['layers']} layers)" if batchnorm["layers"] else
-          "this student has no BatchNorm layer: its normalisation statistics stay the training desert's")
+    """After the adapted student trained: its BatchNorm statistics re-estimated (`batchnorm_images`;
+    `adaptation.recalibrate_checkpoint`, printed) and adaptation.json completed. Returns the record."""
+    images, new = prepared.batchnorm_images, len(prepared.images)
+    if not images:
+        print("BatchNorm statistics left as the fine-tune made them (adapt_batchnorm='none')")
+        batchnorm = {"images": 0, "layers": 0}
+    else:
+        batchnorm = recalibrate_checkpoint(ctx.run.checkpoint(ADAPTED_STUDENT), images, ctx.profile.image_size)
+        where = (f"the {new} images of the new desert" if len(images) == new
+                 else f"the {new} images of the new desert and {len(images) - new} training images (both deserts)")
+        print(f"BatchNorm statistics re-estimated on {where} ({batchnorm['layers']} layers)" if batchnorm["layers"]
+              else "this student has no BatchNorm layer: its normalisation statistics stay the training desert's")
     write_adaptation_record(ctx, {**prepared.record, "batchnorm": batchnorm})
     return read_adaptation_record(ctx.run)
 
