@@ -130,3 +130,20 @@ def test_compare_models_makes_the_metrics_rows_of_notebook_06(project, monkeypat
     timed.clear()
     evaluation.compare_models({"deeplab": models["deeplab"]}, loader, [20, 30], device="cpu", batch_sizes=[1], runs=1)
     assert timed == [((1,), 1)]
+
+
+def test_a_slide_row_is_scored_on_frames_at_their_own_resolution_with_its_latency(project):
+    ctx = start(project, "06_evaluate")
+    trained_run(ctx)
+    student = assembly.evaluation_models(ctx)["student"]
+    assert evaluation.slide_model(ctx, student, None) == {}
+    slide = evaluation.slide_model(ctx, student, 0.25)
+    scan = read_json(ctx.run.scan)
+    native = eval_loader(assembly.val_dataset(scan, None, native_masks=True), 2)
+    with pytest.raises(ValueError, match="native_loader"):
+        evaluation.compare_models(slide, loader_of(ctx, native=True), [20, 30], device="cpu")
+    rows, results = evaluation.compare_models({"student": student, **slide}, loader_of(ctx, native=True), [20, 30],
+                                              device="cpu", native_loader=native)
+    assert [row["model"] for row in rows] == ["student", "student_slide"]
+    assert rows[1]["latency_ms"]["median"] > 0  # its cost in the metrics table
+    assert results["student_slide"]["miou"] == evaluate_model(slide["student_slide"], native)["miou"]

@@ -18,6 +18,7 @@ from .. import export as onnx_export
 from ..checkpoints import load_model
 from ..dataset import eval_loader
 from ..device import default_device
+from ..ensemble import SlidingWindow
 from ..models import count_parameters
 from ..runs import ADAPTED_STUDENT
 from ..scan import usable_pairs
@@ -125,10 +126,20 @@ def write_run_metrics(ctx, rows: list[dict], results: dict, test_result: dict | 
                                   most_confused=evaluate.most_confused_pairs(results[scored]["confusion_matrix"]))
 
 
-def compare_models(models: dict, loader, latency_input, device=None, batch_sizes=None, runs: int | None = None):
+def slide_model(ctx, student, overlap: float | None) -> dict:
+    """{"student_slide": the student in slide inference (`ensemble.SlidingWindow`: windows of the model
+    input overlapping by `overlap`, frames at their own resolution)}, or {} when `overlap` is None."""
+    if overlap is None:
+        return {}
+    return {"student_slide": SlidingWindow(student, ctx.profile.image_size, overlap)}
+
+
+def compare_models(models: dict, loader, latency_input, device=None, batch_sizes=None, runs: int | None = None,
+                   native_loader=None):
     """Notebook 06's comparison: each model's scores over `loader` and its latency (batch 1) and
     throughput on a (height, width) `latency_input`, as metrics.json rows (`evaluate.metrics_row`,
-    split val), and the full scores by name (confusion matrices for the figures).
+    split val), and the full scores by name (confusion matrices for the figures). A `SlidingWindow`
+    (`slide_model`) is scored over `native_loader`, the same images at their own resolution.
 
     `batch_sizes` of the throughput, None: batch 1 alone on a CPU (the latency: on two cores a
     larger batch gains nothing, and timing it cost the demo a quarter of notebook 06), (1, 2, 4,
@@ -140,7 +151,10 @@ def compare_models(models: dict, loader, latency_input, device=None, batch_sizes
     runs = runs or (2 if on_cpu else 10)
     rows, results = [], {}
     for name, model in models.items():
-        result = evaluate.evaluate_model(model, loader, device=device)
+        sliding = isinstance(model, SlidingWindow)
+        if sliding and native_loader is None:
+            raise ValueError(f"{name} slides over frames at their own resolution: give compare_models a native_loader")
+        result = evaluate.evaluate_model(model, native_loader if sliding else loader, device=device)
         timing = benchmark.latency(model, input_size=tuple(latency_input), device=device)
         speed = benchmark.throughput(model, input_size=tuple(latency_input), batch_sizes=batch_sizes, device=device,
                                      warmup=1, runs=runs, measured={1: timing})  # batch 1 is the latency's
