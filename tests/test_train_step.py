@@ -422,14 +422,14 @@ def test_channels_last_only_where_the_gpu_has_tensor_cores_and_the_choice_is_rec
 def test_precision_is_decided_once_on_this_processs_own_device(monkeypatch):
     # Under DDP each process asks its own GPU, after accelerate has set it, not "the current one".
     asked = []
-    original = engine.resolve_precision
+    original = train_step.resolve_precision
 
     def resolve_precision(precision, device=None):
         asked.append((precision, device))
         return original(precision, device)
 
-    monkeypatch.setattr(engine, "resolve_precision", resolve_precision)
-    accelerator = engine.make_accelerator("auto")
+    monkeypatch.setattr(train_step, "resolve_precision", resolve_precision)
+    accelerator = train_step.make_accelerator("auto")
     assert asked == [("auto", accelerator.device)] and accelerator.mixed_precision == "no"
 
 
