@@ -88,6 +88,7 @@ def test_flipped_byte_is_detected_not_loaded(tmp_path):
         load_model(out / "best.pt")
 
 
+@pytest.mark.slow  # a few seconds alone: subprocesses (or a fit) each importing torch
 def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path):
     train, val = data()
     config = fast_config(epochs=3)

@@ -193,6 +193,7 @@ def test_dataset_reads_through_the_cache_in_dataloader_workers(pairs, tmp_path):
         assert torch.equal(masks[i], torch.from_numpy(np.array(mask)))
 
 
+@pytest.mark.slow  # a few seconds alone: subprocesses (or a fit) each importing torch
 def test_two_processes_building_the_same_cache_decode_once_and_both_read_it(pairs, tmp_path):
     # The two ranks of a DDP run both build the train set's cache as they start.
     import multiprocessing

@@ -244,6 +244,7 @@ def test_freed_memory_is_kept_once_per_process_unless_the_user_set_mallocs_own_v
     assert device.keep_freed_memory() is False
 
 
+@pytest.mark.slow  # a few seconds alone: subprocesses (or a fit) each importing torch
 def test_freed_memory_kept_in_a_real_process_stops_the_page_faults_of_repeated_large_buffers():
     """The effect itself, in fresh interpreters: 48 MB buffers made and freed 20 times (each above glibc's
     largest mmap threshold would be mmapped; below it, but beyond the default trim, the heap shrinks)."""

@@ -123,6 +123,7 @@ def test_set_names_must_exist_in_a_selected_notebook(tmp_path):
     assert "batch_size, epochs, grid_points" in str(info.value)
 
 
+@pytest.mark.slow  # a few seconds alone: subprocesses (or a fit) each importing torch
 def test_without_fcntl_the_run_lock_still_refuses_names_its_holder_and_outlives_a_killed_one(tmp_path):
     # As on Windows: no fcntl module at all. The children block it before importing anything.
     import subprocess
