@@ -52,6 +52,23 @@ def test_resume_with_other_settings_is_a_clear_error(tmp_path):
         fit(fresh_model(), data(n_train=24)[0], val, fast_config(epochs=2), out, progress=False)
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_under_its_default(tmp_path):
+    # A run trained by an older version has no "ema" in its record: it trained without EMA, so it
+    # continues with ema=0 (the default) and is refused with EMA switched on.
+    train, val = data()
+    out = tmp_path / "run"
+    fit(fresh_model(), train, val, fast_config(epochs=1), out, progress=False)
+    for name in ("last.pt", "best.pt"):
+        checkpoint = load_checkpoint(out / name)
+        del checkpoint["config"]["ema"]
+        torch.save(checkpoint, out / name)
+    with pytest.raises(ValueError) as error:
+        fit(fresh_model(), train, val, fast_config(epochs=2, ema=0.9), out, progress=False)
+    assert_names(error, "ema: 0.0 in the checkpoint", "0.9 now")
+    history = fit(fresh_model(), train, val, fast_config(epochs=2), out, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
 def test_corrupt_last_checkpoint_is_a_clear_error(tmp_path):
     train, val = data()
     out = tmp_path / "run"

@@ -186,20 +186,25 @@ def load_resume_checkpoint(out_dir: Path) -> tuple[dict | None, Path | None]:
     return None, None
 
 
-def _resume_mismatches(checkpoint: dict, config: dict, setup: dict) -> dict:
+def _resume_mismatches(checkpoint: dict, config: dict, setup: dict, defaults: dict) -> dict:
     saved = {**checkpoint.get("config", {}), **checkpoint.get("setup", {})}
+    # A setting the checkpoint does not record was added after it was written: it trained as
+    # that setting's default does.
+    saved = {**{key: value for key, value in defaults.items() if key not in saved}, **saved}
     wanted = {**config, **setup}
     return {key: (saved.get(key), value) for key, value in wanted.items()
             if key not in RESUMABLE_CHANGES and saved.get(key) != value}
 
 
-def check_resumable(checkpoint: dict, config: dict, setup: dict, path: Path) -> None:
+def check_resumable(checkpoint: dict, config: dict, setup: dict, path: Path, defaults: dict | None = None) -> None:
     """Raise a ValueError naming every setting that differs from the one `path` was trained with.
 
     `config` is the TrainConfig of the new call as a dict (dataclasses.asdict), `setup` the rest
-    of what `checkpoint_state` stores under "setup".
+    of what `checkpoint_state` stores under "setup". `defaults` (TrainConfig's defaults as a dict):
+    what a setting the checkpoint predates counts as, so that a run trained before a setting
+    existed resumes under its default (and only under it).
     """
-    differ = _resume_mismatches(checkpoint, config, setup)
+    differ = _resume_mismatches(checkpoint, config, setup, defaults or {})
     if differ:
         details = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differ.items())
         raise ValueError(

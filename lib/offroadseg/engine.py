@@ -301,7 +301,7 @@ def load_resume_weights(model: nn.Module, out_dir: Path, config: TrainConfig,
     optimizer, schedule and grad scaler follow in `resume`, once accelerate has prepared them)."""
     checkpoint, path = checkpoints.load_resume_checkpoint(out_dir)
     if checkpoint is not None:
-        checkpoints.check_resumable(checkpoint, asdict(config), setup, path)
+        checkpoints.check_resumable(checkpoint, asdict(config), setup, path, defaults=asdict(TrainConfig()))
         model.load_state_dict(checkpoint["model"])
     return checkpoint, path
 
