@@ -2,7 +2,8 @@
 
 On run folders that bench/demo_seeds.py left (one per seed, models trained, their last epochs kept),
 the distilled student is scored at the masks' native size on val (the training desert), test and
-novel_val (the new desert) as it is and with each trick of issue 25:
+novel_val (the new desert) as it is and with each trick of issue 25 (EMA, a training option, is
+scored by fit itself beside the raw weights: history.json's raw_val_miou and ema_val_miou):
 
   plain            the frame resized to the model input (what predict does without TTA)
   tta_h            the flips notebook 04 chose (h): what notebook 06's student_tta row is
@@ -10,7 +11,6 @@ novel_val (the new desert) as it is and with each trick of issue 25:
   slide_s<S>       slide inference (`ensemble.SlidingWindow`): the frame scaled by S, windows of the
                    model input overlapping by 1/3 (S = 1: native resolution)
   avg<K>           the average of the last K epochs' weights (`averaging.average_checkpoints`)
-  ema              (with --ema-run-prefix: the student of runs trained with TrainConfig.ema)
 
 and the adapted student in three forms (one model for both deserts, issue 25 item 6), from its
 fine-tuned weights (models/student_adapted/last.pt, before notebook 05's BatchNorm step):

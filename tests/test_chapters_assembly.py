@@ -17,6 +17,7 @@ def test_student_init_none_starts_the_student_afresh():
     assert assembly.model_plan(DEMO, "student", init_from="none").init_from is None
 
 
+@pytest.mark.slow
 def test_evaluation_models_are_the_runs_models_fused_as_notebook_04_chose(project):
     ctx = start(project, "06_evaluate")
     with pytest.raises(FileNotFoundError, match="04_ensemble"):

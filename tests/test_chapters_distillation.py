@@ -12,6 +12,7 @@ from offroadseg.profiles import DEMO, DistillConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_distillation_weighs_the_teachers_as_ensemble_json_says(project):
     ctx = start(project, "05_distill")
     trained_run(ctx)

@@ -41,6 +41,7 @@ def test_test_split_writes_predictions_and_scores_the_split_that_has_masks(proje
     assert empty["pairs"] == [] and empty["written"] == [] and empty["valid"] and empty["result"] is None
 
 
+@pytest.mark.slow
 def test_export_student_writes_onnx_and_int8_with_the_checkpoints_record(project):
     ctx = start(project, "06_evaluate")
     scan = read_json(ctx.run.scan)

@@ -26,6 +26,7 @@ def test_val_scores_are_the_val_part_of_ensemble_json(project, capsys):
     assert [line.split()[0] for line in lines] == ["deeplab", "ensemble"] and "ms/img" in lines[0]
 
 
+@pytest.mark.slow
 def test_scores_choose_tta_measured_are_taken_instead_of_a_second_pass(project, capsys, monkeypatch):
     ctx = start(project, "04_ensemble")
     trained_run(ctx, with_ensemble=False)

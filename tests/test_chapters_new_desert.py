@@ -150,6 +150,7 @@ def test_the_adaptation_cell_is_off_without_adapt_and_skips_when_no_level_is_acc
     assert "from an earlier run of this notebook with adapt set stays" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_adaptation_verdict_compares_both_students_on_val_and_the_held_out_images(project):
     ctx = start(project, "05_distill")
     trained_run(ctx)

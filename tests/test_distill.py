@@ -234,6 +234,7 @@ class RandomScenes(Dataset):
         return self.images[index], self.masks[index]
 
 
+@pytest.mark.slow
 def test_fit_with_the_distiller_and_load_model_returns_the_student(tmp_path):
     teachers = tiny_teachers()
     model = DistillationStudent(tiny_student(), teachers)

@@ -209,6 +209,7 @@ def assert_same_optimizer_state(loaded: dict, saved: dict, except_lr: bool = Fal
             assert torch.equal(torch.as_tensor(loaded["state"][index][name]), torch.as_tensor(value)), (index, name)
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     # A stop mid-epoch 3 of a 4-epoch run, then the same call again: it must go on at
     # epoch 3 from last.pt and end with the weights of a run that never stopped. (Stopping

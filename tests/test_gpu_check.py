@@ -80,6 +80,7 @@ def test_guard_cuts_a_stage_over_its_budget_and_goes_on(guard):
     assert done["quick"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_cut_stage_keeps_the_rows_it_measured(guard, tmp_path):
     # Issue 21 item 4: each row is on disk as soon as it is measured, not at the script's end.
     jsonl = tmp_path / "rows.jsonl"
@@ -106,6 +107,7 @@ def test_exit_status_is_non_zero_only_for_what_really_failed():
         assert gpu_check.exit_status([*stages, {"stage": "x", "status": status}]) == 1
 
 
+@pytest.mark.slow
 def test_guard_runs_lanes_side_by_side(guard):
     started = time.monotonic()
     done = guard([[gpu_check.Stage("a", 10, "call", "_sleep", ["1.5"])], [gpu_check.Stage("b", 10, "call", "_sleep", ["1.5"])]])
@@ -261,6 +263,7 @@ def test_train_speed_batches_and_compile(tmp_path, one_thread):
     assert all(r["warmup_steps"] == 1 and r["compile_s"] > 0 for r in rows)  # compiling needs a warm-up step
 
 
+@pytest.mark.slow
 def test_train_speed_times_fits_own_step_with_fits_settings(tmp_path, monkeypatch, one_thread):
     # Issue 21 item 8: the probe once turned cudnn.benchmark off and used a non-fused AdamW.
     from offroadseg import engine, train_step

@@ -91,6 +91,7 @@ def test_the_folder_holds_the_model_its_classes_and_the_checkpoints_preprocessin
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_picks_the_segformer_of_a_run_whose_student_is_a_deeplab_and_replaces_an_earlier_export(run, tmp_path, capsys):
     out = tmp_path / "hf"
     assert export.main(["hf", str(run), str(out)]) == 0

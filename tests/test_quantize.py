@@ -36,6 +36,7 @@ def test_int8_is_smaller_and_predicts_like_fp32(fitted_onnx, tmp_path):
     assert np.abs(int8_logits - _onnx_logits(path, images[:3])).max() < 1.0
 
 
+@pytest.mark.slow
 def test_int8_falls_back_to_dynamic_when_static_fails(segformer_onnx, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("no calibration for you")

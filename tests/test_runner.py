@@ -1,6 +1,7 @@
 import nbformat
 import pytest
 
+from offroadseg import runner
 from offroadseg.cli import UsageError
 from offroadseg.files import read_json
 from offroadseg.runner import run_notebooks, select_notebooks
@@ -155,8 +156,6 @@ def test_without_fcntl_the_run_lock_still_refuses_names_its_holder_and_outlives_
 def test_main_checks_the_data_before_any_run_folder_and_names_the_run(tmp_path, monkeypatch, capsys):
     from helpers import make_small_dataset
 
-    from offroadseg import runner
-
     monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
     monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
     (tmp_path / "notebooks").mkdir()
@@ -185,8 +184,6 @@ def test_main_checks_the_data_before_any_run_folder_and_names_the_run(tmp_path, 
 def checkout(tmp_path, monkeypatch):
     """A project root of its own with two notebooks, where making the demo desert and running
     notebooks are recorded instead of done: `calls` lists ("desert", root) and ("run", kwargs)."""
-    from offroadseg import runner
-
     monkeypatch.setenv("OFFROADSEG_ROOT", str(tmp_path))
     monkeypatch.delenv("OFFROADSEG_RUN", raising=False)
     monkeypatch.delenv(runner.PROG_ENV, raising=False)
@@ -212,7 +209,6 @@ def checkout(tmp_path, monkeypatch):
 def test_without_data_the_demo_desert_is_made_first(checkout, capsys):
     from helpers import make_small_dataset
 
-    from offroadseg import runner
 
     root, calls = checkout
     assert runner.main(["--only", "02", "--run", "probe", "--set", "epochs=1"]) == 0
@@ -230,7 +226,6 @@ def test_without_data_the_demo_desert_is_made_first(checkout, capsys):
 
 
 def test_an_unknown_profile_is_refused_with_the_valid_ones(checkout, capsys):
-    from offroadseg import runner
     from offroadseg.profiles import PROFILES
 
     root, calls = checkout
@@ -242,7 +237,6 @@ def test_an_unknown_profile_is_refused_with_the_valid_ones(checkout, capsys):
 
 
 def test_bad_data_or_weights_stop_before_any_work_naming_the_path_and_the_fix(checkout, capsys, monkeypatch):
-    from offroadseg import runner
 
     root, calls = checkout
     monkeypatch.setenv(runner.PROG_ENV, "./run_all.sh")
@@ -263,7 +257,6 @@ def test_the_test_mode_runs_the_three_tiers_in_order_and_stops_at_the_first_fail
     import subprocess
     import sys
 
-    from offroadseg import runner
 
     root, calls = checkout
     ran, codes = [], {}
@@ -275,7 +268,8 @@ def test_the_test_mode_runs_the_three_tiers_in_order_and_stops_at_the_first_fail
     monkeypatch.setattr(runner.subprocess, "run", fake_run)
     python = sys.executable
     lint = [python, "-m", "ruff", "check", "."]
-    fast = [python, "-m", "pytest", "-m", "not slow", "tests"]
+    workers = runner.fast_tier_workers()
+    fast = [python, "-m", "pytest", *(["-n", str(workers)] if workers > 1 else []), "-m", "not slow", "tests"]
     slow = [python, "-m", "pytest", "--nbval", "-m", "slow", "tests", "notebooks"]
 
     assert runner.main(["--test", "--cwd", str(root)]) == 0
@@ -302,7 +296,6 @@ def test_the_test_mode_runs_the_three_tiers_in_order_and_stops_at_the_first_fail
 
 
 def test_test_and_lab_refuse_the_options_that_choose_a_run(checkout, capsys):
-    from offroadseg import runner
 
     root, calls = checkout
     for argv in (["--test", "--data", "x"], ["--lab", "--run", "r", "--set", "epochs=1"], ["--test", "--lab"]):
@@ -318,7 +311,6 @@ def test_test_and_lab_refuse_the_options_that_choose_a_run(checkout, capsys):
 def test_lab_copies_the_notebooks_and_keeps_existing_copies(checkout, monkeypatch, capsys):
     import sys
 
-    from offroadseg import runner
 
     root, calls = checkout
     (root / "lab").mkdir()
@@ -337,3 +329,14 @@ def test_lab_copies_the_notebooks_and_keeps_existing_copies(checkout, monkeypatc
     assert (root / "lab" / "01_data_scan.ipynb").read_text() == "my edits"
     assert (root / "lab" / "02_train_segformer.ipynb").read_bytes() == (root / "notebooks" / "02_train_segformer.ipynb").read_bytes()
     assert "JupyterLab on lab/" in capsys.readouterr().out and not calls
+
+
+def test_the_fast_tier_spreads_over_the_cores_where_pytest_xdist_is_installed(monkeypatch):
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 16)
+    assert runner.fast_tier_workers() == 4  # each worker imports torch: 4 at most
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    assert runner.fast_tier_workers() == 2
+    fast = runner.suite_tiers()[1][1]
+    assert fast[fast.index("-n") + 1] == "2" and fast[-3:] == ["-m", "not slow", "tests"]
+    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None)  # no pytest-xdist: one process
+    assert runner.fast_tier_workers() == 1 and "-n" not in runner.suite_tiers()[1][1]

@@ -23,6 +23,7 @@ def run_folder(project, name="r") -> runs.Run:
     return runs.run_dir(name, project)
 
 
+@pytest.mark.slow
 def test_teacher_trains_as_notebook_02_does_scanning_first_and_a_second_call_reuses_it(project, capsys):
     data = str(project / "data")
     assert train.main(["teacher", "--model", "segformer", "--data", data, "--run", "r", *SMALL]) == 0
@@ -44,6 +45,7 @@ def test_teacher_trains_as_notebook_02_does_scanning_first_and_a_second_call_reu
     assert len(read_json(run.history("segformer"))) == 1
 
 
+@pytest.mark.slow
 def test_average_scores_the_last_kept_epochs_of_a_model(project, capsys):
     data = str(project / "data")
     small = ["--data", data, "--run", "r", "--set", "image_size=[32, 48]", "--set", "batch_size=2"]

@@ -262,6 +262,7 @@ def augmentation_draws(tmp_path, monkeypatch, rank: int, name: str):
     return torch.stack(batch_draws), worker_draws
 
 
+@pytest.mark.slow
 def test_each_process_draws_its_own_augmentation(tmp_path, monkeypatch):
     rank0 = augmentation_draws(tmp_path, monkeypatch, 0, "rank0")
     rank1 = augmentation_draws(tmp_path, monkeypatch, 1, "rank1")
@@ -454,6 +455,7 @@ def test_a_skipped_step_leaves_the_fused_adamw_as_it_was():
 # --------------------------------------------------------------------- issue 22: one seeding mechanism
 
 
+@pytest.mark.slow
 def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(tmp_path):
     # Both kinds of draw: per sample (made in a loader worker, from the sample's seed) and per batch
     # (BatchAugment on the device, from the global generator seeded at the epoch's start).

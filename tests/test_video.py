@@ -97,6 +97,7 @@ def available(codec: str) -> bool:
     return video._has_encoder(codec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix, codec", [(".mp4", "h264"), (".avi", "mpeg4")])
 def test_clip_in_overlay_video_out_at_its_rate_and_size_frame_for_frame(checkpoint, tmp_path, capsys, suffix, codec):
     if not available(codec):

@@ -35,6 +35,7 @@ run and reuse or resume what is finished, each saying so.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -236,16 +237,29 @@ def make_demo_data(root: Path) -> None:
           flush=True)
 
 
+def fast_tier_workers() -> int:
+    """Processes for the fast tier (pytest-xdist's -n): one per core, at most 4 (each imports torch),
+    1 where pytest-xdist is missing. The slow tier stays in one process: the notebooks depend on each
+    other in order, and several slow tests time themselves or start processes of their own. Each
+    worker gets its share of the cores as torch threads (tests/conftest.py)."""
+    if importlib.util.find_spec("xdist") is None:
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def suite_tiers() -> list[tuple[str, list[str], str | None]]:
     """The test suite's three tiers as (what, command, advice on failure), quickest first, so a fault
     shows in seconds rather than after the notebooks: lint (ruff, configured in pyproject.toml), the
     fast unit tests, then the slow tests and the notebooks under nbval (its options live in
     pyproject.toml, [tool.pytest.ini_options])."""
     python = sys.executable  # the tools of this environment (run_all.sh: .venv), whatever PATH holds
+    workers = fast_tier_workers()
+    spread = ["-n", str(workers)] if workers > 1 else []
     return [
         ("lint (ruff check .)", [python, "-m", "ruff", "check", "."],
          "lint failed: 'ruff check . --fix' repairs the import order and unused imports; fix the rest by hand"),
-        ("fast unit tests (pytest -m 'not slow' tests)", [python, "-m", "pytest", "-m", "not slow", "tests"], None),
+        (f"fast unit tests (pytest -m 'not slow' tests{', ' + str(workers) + ' processes' if spread else ''})",
+         [python, "-m", "pytest", *spread, "-m", "not slow", "tests"], None),
         ("slow tests and the notebooks (pytest --nbval -m slow tests notebooks)",
          [python, "-m", "pytest", "--nbval", "-m", "slow", "tests", "notebooks"], None),
     ]
