@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from offroadseg.sampling import usable_cpus
+
 # tests/helpers.py is imported as a plain module by the test files.
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import make_small_dataset  # noqa: E402  (after the path it is found on)
@@ -12,7 +14,7 @@ from helpers import make_small_dataset  # noqa: E402  (after the path it is foun
 # Under pytest-xdist (./run_all.sh --test runs the fast tier with -n): each worker process takes its
 # share of the cores as torch threads, so that the workers do not oversubscribe them.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="module")

@@ -333,9 +333,9 @@ def test_lab_copies_the_notebooks_and_keeps_existing_copies(checkout, monkeypatc
 
 def test_the_fast_tier_spreads_over_the_cores_where_pytest_xdist_is_installed(monkeypatch):
     monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: object())  # as if installed
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 16)
     assert runner.fast_tier_workers() == 4  # each worker imports torch: 4 at most
-    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 2)
     assert runner.fast_tier_workers() == 2
     fast = runner.suite_tiers()[1][1]
     assert fast[fast.index("-n") + 1] == "2" and fast[-3:] == ["-m", "not slow", "tests"]

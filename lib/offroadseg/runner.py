@@ -53,6 +53,7 @@ from .cli import RESERVED, UsageError, add_common_options, resolve_common
 from .files import read_json, write_json
 from .profiles import DEMO
 from .runs import RunLock, RunMismatch, now, project_root, run_dir, snapshot
+from .sampling import usable_cpus
 from .synth import make_demo_desert
 
 NOTEBOOKS = ("01_data_scan", "02_train_segformer", "03_train_deeplab", "04_ensemble", "05_distill", "06_evaluate")
@@ -244,7 +245,7 @@ def fast_tier_workers() -> int:
     worker gets its share of the cores as torch threads (tests/conftest.py)."""
     if importlib.util.find_spec("xdist") is None:
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return max(1, min(4, usable_cpus()))
 
 
 def suite_tiers() -> list[tuple[str, list[str], str | None]]:
