@@ -13,6 +13,12 @@ tests: a seed takes about 10 minutes on a 2-core CPU.
     PYTHONPATH=lib python bench/demo_seeds.py --seeds 0 1 2 --variant short \\
         --set segformer.epochs=4 --set student.epochs=2                          # a changed demo
 
+`--reuse VARIANT` (and `--reuse-student`) starts each seed from an earlier variant's teachers (and
+student) instead of training them again, for a change of the student or the adaptation alone:
+
+    PYTHONPATH=lib python bench/demo_seeds.py --variant student2 --reuse demo \
+        --set segformer.keep_epochs=3 --set deeplab.keep_epochs=3 --set student.epochs=2
+
 `--set PART.FIELD=VALUE` changes the demo profile: PART is segformer, deeplab or student (a
 ModelPlan field: epochs, lr, batch_size, ...), distill or adapt (a DistillConfig / AdaptConfig
 field), train (a TrainConfig field for every model, e.g. train.ema=0.999) or profile (a Profile
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -39,7 +47,7 @@ from offroadseg.dataset import eval_loader  # noqa: E402
 from offroadseg.ensemble import Ensemble, TestTimeAugmentation, choose_weight  # noqa: E402
 from offroadseg.evaluate import choose_tta, evaluate_model  # noqa: E402
 from offroadseg.profiles import DEMO, Profile  # noqa: E402
-from offroadseg.runs import ADAPTED_STUDENT, write_ensemble  # noqa: E402
+from offroadseg.runs import ADAPTED_STUDENT, run_dir, write_ensemble  # noqa: E402
 from offroadseg.scan import load_or_scan, usable_pairs  # noqa: E402
 
 PARTS = ("segformer", "deeplab", "student", "distill", "adapt", "train", "profile")
@@ -83,9 +91,32 @@ def config_of(profile: Profile, plan, train: dict):
     return replace(assembly.train_config(profile, plan), **train)
 
 
-def run_seed(seed: int, variant: str, sets: list[str]) -> dict:
+REUSE_PARTS = ("scan.json", "cache", "models/segformer", "models/deeplab")
+
+
+def reuse_run(source: str, run: str, student: bool = False, root: Path | None = None) -> None:
+    """Start run folder `run` from `source`'s scan, decode cache and teachers (and distilled student with
+    `student`), hard-linked (fit writes new files by rename, never into these): training them again
+    finds them finished. For a change that starts after them; its `--set`s must keep their settings."""
+    source_dir, target_dir = run_dir(source, root).dir, run_dir(run, root).dir
+    if target_dir.exists():
+        raise SystemExit(f"{target_dir} exists: remove it, or choose another --variant")
+    for part in REUSE_PARTS + (("models/student",) if student else ()):
+        path = source_dir / part
+        if not path.exists():
+            raise SystemExit(f"--reuse: {path} is missing")
+        if path.is_dir():
+            shutil.copytree(path, target_dir / part, copy_function=os.link)
+        else:
+            (target_dir / part).parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target_dir / part)
+
+
+def run_seed(seed: int, variant: str, sets: list[str], reuse: str | None = None, reuse_student: bool = False) -> dict:
     profile, train = changed_profile(sets, seed)
     run = f"seeds-{variant}-s{seed}"
+    if reuse:
+        reuse_run(f"seeds-{reuse}-s{seed}", run, student=reuse_student)
     seconds = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -165,11 +196,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variant", default="demo", help="a name for the change (run folders and results file)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="PART.FIELD=VALUE")
+    parser.add_argument("--reuse", metavar="VARIANT", help="start each seed from that variant's scan and teachers "
+                        "(outputs/seeds-VARIANT-s<seed>/), for a change after them; keep their --sets")
+    parser.add_argument("--reuse-student", action="store_true", help="with --reuse: its distilled student too")
     args = parser.parse_args(argv)
     changed_profile(args.sets, 0)  # a bad --set stops here, before any training
     rows = []
     for seed in args.seeds:
-        rows.append(run_seed(seed, args.variant, args.sets))
+        rows.append(run_seed(seed, args.variant, args.sets, args.reuse, args.reuse_student))
         path = save_results(f"demo_seeds-{args.variant}", rows, variant=args.variant, sets=args.sets, seeds=args.seeds)
         print(f"seed {seed} done: {rows[-1]}", flush=True)
     print("\n".join(summary(rows)))

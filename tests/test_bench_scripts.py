@@ -82,3 +82,25 @@ def test_predict_overhead_rows_for_each_model_and_their_ensemble(tmp_path, capsy
     assert all(row["calls"] == 3 and 0 < row["median_ms"] <= row["p90_ms"] for row in rows)
     assert rows[2]["modules"] > rows[0]["modules"] + rows[1]["modules"]  # the ensemble holds both trees
     assert "median ms" in capsys.readouterr().out
+
+
+def test_demo_seeds_reuse_links_the_teachers_and_only_with_the_flag_the_student(tmp_path):
+    demo_seeds = _load("demo_seeds")
+    source = tmp_path / "outputs" / "seeds-demo-s0"
+    for part in ("scan.json", "cache/train/0.npy", "models/segformer/best.pt", "models/deeplab/last.pt",
+                 "models/student/best.pt", "models/student_adapted/best.pt"):
+        (source / part).parent.mkdir(parents=True, exist_ok=True)
+        (source / part).write_text(part)
+    demo_seeds.reuse_run("seeds-demo-s0", "seeds-b-s0", root=tmp_path)
+    target = tmp_path / "outputs" / "seeds-b-s0"
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
+        "cache/train/0.npy", "models/deeplab/last.pt", "models/segformer/best.pt", "scan.json"]
+    assert (target / "models/segformer/best.pt").stat().st_ino == (source / "models/segformer/best.pt").stat().st_ino
+    with pytest.raises(SystemExit, match="exists"):
+        demo_seeds.reuse_run("seeds-demo-s0", "seeds-b-s0", root=tmp_path)
+    demo_seeds.reuse_run("seeds-demo-s0", "seeds-c-s0", student=True, root=tmp_path)
+    assert (tmp_path / "outputs/seeds-c-s0/models/student/best.pt").read_text() == "models/student/best.pt"
+    assert not (tmp_path / "outputs/seeds-c-s0/models/student_adapted").exists()
+    (source / "scan.json").unlink()
+    with pytest.raises(SystemExit, match="scan.json is missing"):
+        demo_seeds.reuse_run("seeds-demo-s0", "seeds-d-s0", root=tmp_path)
