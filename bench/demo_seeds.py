@@ -200,6 +200,8 @@ def main(argv=None) -> int:
                         "(outputs/seeds-VARIANT-s<seed>/), for a change after them; keep their --sets")
     parser.add_argument("--reuse-student", action="store_true", help="with --reuse: its distilled student too")
     args = parser.parse_args(argv)
+    if args.reuse_student and not args.reuse:
+        parser.error("--reuse-student needs --reuse VARIANT (whose student to start from)")
     changed_profile(args.sets, 0)  # a bad --set stops here, before any training
     rows = []
     for seed in args.seeds:

@@ -101,6 +101,8 @@ def test_demo_seeds_reuse_links_the_teachers_and_only_with_the_flag_the_student(
     demo_seeds.reuse_run("seeds-demo-s0", "seeds-c-s0", student=True, root=tmp_path)
     assert (tmp_path / "outputs/seeds-c-s0/models/student/best.pt").read_text() == "models/student/best.pt"
     assert not (tmp_path / "outputs/seeds-c-s0/models/student_adapted").exists()
+    with pytest.raises(SystemExit):
+        demo_seeds.main(["--reuse-student", "--seeds", "0"])  # whose student? refused before any training
     (source / "scan.json").unlink()
     with pytest.raises(SystemExit, match="scan.json is missing"):
         demo_seeds.reuse_run("seeds-demo-s0", "seeds-d-s0", root=tmp_path)
