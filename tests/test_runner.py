@@ -209,7 +209,6 @@ def checkout(tmp_path, monkeypatch):
 def test_without_data_the_demo_desert_is_made_first(checkout, capsys):
     from helpers import make_small_dataset
 
-
     root, calls = checkout
     assert runner.main(["--only", "02", "--run", "probe", "--set", "epochs=1"]) == 0
     assert calls[0] == ("desert", root / "data" / "demo_desert")
@@ -237,7 +236,6 @@ def test_an_unknown_profile_is_refused_with_the_valid_ones(checkout, capsys):
 
 
 def test_bad_data_or_weights_stop_before_any_work_naming_the_path_and_the_fix(checkout, capsys, monkeypatch):
-
     root, calls = checkout
     monkeypatch.setenv(runner.PROG_ENV, "./run_all.sh")
     (root / "file.zip").write_bytes(b"")
@@ -256,7 +254,6 @@ def test_bad_data_or_weights_stop_before_any_work_naming_the_path_and_the_fix(ch
 def test_the_test_mode_runs_the_three_tiers_in_order_and_stops_at_the_first_failure(checkout, monkeypatch, capsys):
     import subprocess
     import sys
-
 
     root, calls = checkout
     ran, codes = [], {}
@@ -296,7 +293,6 @@ def test_the_test_mode_runs_the_three_tiers_in_order_and_stops_at_the_first_fail
 
 
 def test_test_and_lab_refuse_the_options_that_choose_a_run(checkout, capsys):
-
     root, calls = checkout
     for argv in (["--test", "--data", "x"], ["--lab", "--run", "r", "--set", "epochs=1"], ["--test", "--lab"]):
         with pytest.raises(SystemExit) as info:
@@ -310,7 +306,6 @@ def test_test_and_lab_refuse_the_options_that_choose_a_run(checkout, capsys):
 
 def test_lab_copies_the_notebooks_and_keeps_existing_copies(checkout, monkeypatch, capsys):
     import sys
-
 
     root, calls = checkout
     (root / "lab").mkdir()
